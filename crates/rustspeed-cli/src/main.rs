@@ -1,0 +1,49 @@
+//! The `rustspeed` command: DeepSpeed's engine and tools in one binary.
+
+mod commands;
+mod exit;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rustspeed",
+    version,
+    about = "DeepSpeed, rebuilt in Rust: ZeRO training, fine-tuning and tools driven by ds_config.json"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUSTSPEED_LOG=<filter> overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with DeepSpeed config files (ds_config.json).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// DeepSpeed's ZeRO memory estimators, plus rustspeed's own per-rank model-state bytes.
+    Estimate(commands::estimate::Args),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a ds_config.json and print the resolved values.
+    Check(commands::config_check::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    let result = match cli.command {
+        Command::Config(ConfigCommand::Check(args)) => commands::config_check::run(args),
+        Command::Estimate(args) => commands::estimate::run(args),
+    };
+    if let Err(err) = result {
+        std::process::exit(exit::report(&err));
+    }
+}

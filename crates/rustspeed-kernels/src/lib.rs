@@ -1,0 +1,18 @@
+//! CPU kernels for transformer training, llm.c style: every layer's forward and backward
+//! side by side, plain functions over flat slices, f32 accumulation whatever the storage type.
+//!
+//! Storage types are `f32`, `half::bf16` and `half::f16` (see [`dtype::Float`]).
+
+pub mod activation;
+pub mod attention;
+pub mod cross_entropy;
+pub mod dtype;
+pub mod embedding;
+pub mod layernorm;
+pub mod matmul;
+pub mod optim;
+pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+
+pub use dtype::{DType, Float};

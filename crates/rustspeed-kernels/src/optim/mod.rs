@@ -1,0 +1,1 @@
+//! Fused optimizer kernels over flat fp32 buffers.
