@@ -1,0 +1,1243 @@
+//! The LLaMA family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`) on the layer
+//! protocol: an embedding layer, one layer per decoder block, and the head (final RMSNorm + LM
+//! head + cross-entropy).
+//!
+//! A decoder block is HF's `LlamaDecoderLayer`:
+//! `h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))` with `n1 = rms(x)`, then
+//! `out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))` with `n2 = rms(h)`. Qwen2 adds q/k/v
+//! biases, Mistral (and Qwen2 layers so configured) a sliding attention window; the differences
+//! are all in [`ModelConfig`].
+//!
+//! Memory: a block keeps its input, `h`, q/k/v (after RoPE), the attention output and logsumexp,
+//! and the gate/up projections for backward. The normalised inputs and `silu(gate) * up` are
+//! recomputed in backward (elementwise, cheap next to the matmuls) rather than kept. Backward's
+//! temporaries live in one [`Scratch`] shared by all blocks of a model (blocks run one at a
+//! time), so their capacity is reused across blocks and steps instead of allocated per op.
+//!
+//! The protocol's `forward`/`backward` return no `Result`: conditions that only a bad batch can
+//! cause (a token id outside the vocabulary, a label outside it) and training with attention
+//! dropout (use [`check_trainable`] first) panic with a message naming the layer and the value.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rustspeed_kernels::activation::{swiglu_backward, swiglu_forward};
+use rustspeed_kernels::attention::{attention_backward, attention_forward, AttnSpec};
+use rustspeed_kernels::cross_entropy::{
+    lm_head_cross_entropy, lm_head_cross_entropy_loss, lm_head_logits,
+};
+use rustspeed_kernels::embedding::{embedding_backward, embedding_forward};
+use rustspeed_kernels::matmul::{
+    linear_backward, linear_forward, matmul, LinearShape, WeightLayout,
+};
+use rustspeed_kernels::residual::add_inplace;
+use rustspeed_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use rustspeed_kernels::rope::{self, rope_backward, rope_forward, Positions, RopeTable};
+use rustspeed_kernels::Float;
+
+use crate::error::ModelError;
+use crate::hf_config::{Activation, Architecture, ModelConfig, RopeScaling};
+use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::model::Model;
+use crate::params::ParamSpec;
+use crate::weights::{load_hf_weights, NameRules};
+
+/// HF's `initializer_range` default for all three architectures (config.json's value is not
+/// carried by [`ModelConfig`]).
+pub const INITIALIZER_RANGE: f32 = 0.02;
+
+const EMBED: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+fn unsupported(what: &str, value: impl ToString, hint: Option<&str>) -> ModelError {
+    ModelError::Unsupported {
+        what: what.to_string(),
+        value: value.to_string(),
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// Builds the model described by `cfg` with zeroed parameters (fill them with
+/// [`load_hf_weights`] and [`name_rules`], or [`init_weights`]). The parameter layout lists
+/// every tensor under its HF name, in transformers' `named_parameters()` order.
+pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
+    if !matches!(
+        cfg.architecture,
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2
+    ) {
+        return Err(unsupported(
+            "architecture",
+            cfg.architecture.hf_class(),
+            Some("the LLaMA family builds LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+        ));
+    }
+    if cfg.activation != Activation::Silu {
+        return Err(unsupported(
+            "hidden_act",
+            format!("{:?}", cfg.activation),
+            Some("the LLaMA family's MLP is implemented with SwiGLU (silu) only"),
+        ));
+    }
+    let rope_cfg = cfg
+        .rope
+        .as_ref()
+        .ok_or_else(|| unsupported("rope_parameters", "none", Some("LLaMA needs RoPE")))?;
+    let scaling = match rope_cfg.scaling {
+        None => rope::RopeScaling::None,
+        Some(RopeScaling::Linear { factor }) => rope::RopeScaling::Linear {
+            factor: factor as f32,
+        },
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => rope::RopeScaling::Llama3 {
+            factor: factor as f32,
+            low_freq_factor: low_freq_factor as f32,
+            high_freq_factor: high_freq_factor as f32,
+            original_max_position_embeddings,
+        },
+    };
+    let theta = rope_cfg.theta as f32;
+    // Validates head_dim, theta and the scaling once, so forward never meets a bad table.
+    let table = RopeTable::new(cfg.head_dim, theta, &scaling, 0)
+        .map_err(|e| unsupported("rope_parameters", e, None))?;
+
+    let scratch = Arc::new(Mutex::new(Scratch::default()));
+    let mut layers: Vec<Box<dyn Layer<T>>> = Vec::with_capacity(cfg.num_hidden_layers + 2);
+    layers.push(Box::new(Embedding {
+        vocab: cfg.vocab_size,
+        d: cfg.hidden_size,
+    }));
+    for i in 0..cfg.num_hidden_layers {
+        layers.push(Box::new(Decoder::new(
+            cfg,
+            i,
+            table.clone(),
+            scaling.clone(),
+            theta,
+            scratch.clone(),
+        )));
+    }
+    layers.push(Box::new(Head::new(cfg)));
+    Ok(Model::new(layers)?)
+}
+
+/// Fails when training this configuration would need something not implemented yet (attention
+/// dropout); the engine calls it before training, forward panics with the same message.
+pub fn check_trainable(cfg: &ModelConfig) -> Result<(), ModelError> {
+    if cfg.dropout.attention > 0.0 {
+        return Err(unsupported(
+            "attention_dropout",
+            cfg.dropout.attention,
+            Some("training with attention dropout; set it to 0.0 or evaluate only"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checkpoint tensors to skip: a tied `lm_head.weight` saved anyway, and the rotary
+/// `inv_freq` buffers older transformers versions stored.
+pub fn name_rules(cfg: &ModelConfig) -> NameRules {
+    let mut ignore = vec![".rotary_emb.inv_freq".to_string()];
+    if cfg.tie_word_embeddings {
+        ignore.push(LM_HEAD.to_string());
+    }
+    NameRules {
+        ignore,
+        optional_prefix: None,
+    }
+}
+
+/// Reads `dir/config.json`, builds the model and loads its safetensors weights.
+pub fn load_pretrained<T: Float>(dir: &Path) -> Result<(ModelConfig, Model<T>), ModelError> {
+    let cfg = ModelConfig::from_path(dir)?;
+    let mut model = build::<T>(&cfg)?;
+    load_hf_weights(dir, &model.layout, &mut model.params, &name_rules(&cfg))?;
+    Ok((cfg, model))
+}
+
+/// HF's `_init_weights`: Linear and Embedding weights ~ N(0, [`INITIALIZER_RANGE`]), biases 0,
+/// RMSNorm weights 1.
+///
+/// The normal draws are deterministic: each tensor gets its own splitmix64 stream seeded from
+/// `seed` and the FNV-1a hash of its name, turned into normals by Box-Muller (f64). A tensor's
+/// values therefore depend only on the seed and its name, not on which other tensors exist.
+/// They do not reproduce PyTorch's generator.
+pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64) {
+    debug_assert!(matches!(
+        cfg.architecture,
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2
+    ));
+    let slots: Vec<_> = model.layout.slots().to_vec();
+    for slot in slots {
+        let values = &mut model.params[slot.range()];
+        let name = slot.spec.name.as_str();
+        if name.ends_with("norm.weight") {
+            values.fill(T::from_f32(1.0));
+        } else if name.ends_with(".bias") {
+            values.fill(T::from_f32(0.0));
+        } else {
+            let mut rng = Normal::new(seed ^ fnv1a(name));
+            for v in values.iter_mut() {
+                *v = T::from_f32(rng.next() as f32 * INITIALIZER_RANGE);
+            }
+        }
+    }
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Standard normals from splitmix64 + Box-Muller.
+struct Normal {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Normal {
+            state: seed,
+            spare: None,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let r = (-2.0 * self.uniform().ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * self.uniform();
+        self.spare = Some(r * angle.sin());
+        r * angle.cos()
+    }
+}
+
+/// The f32 logits `[rows.len(), vocab]` of the given rows (indices into the batch's
+/// `batch_size * seq_len` positions), evaluated without dropout. Runs every layer but the head,
+/// then the final norm and the LM head on the selected rows only.
+pub fn logits<T: Float>(
+    model: &mut Model<T>,
+    cfg: &ModelConfig,
+    batch: &Batch,
+    rows: &[usize],
+) -> Result<Vec<f32>, ModelError> {
+    let ctx = Ctx {
+        batch,
+        train: false,
+        dropout_seed: 0,
+        grad_scale: 1.0,
+    };
+    let mut flow = Flow::default();
+    let head = model.layers.len() - 1;
+    for i in 0..head {
+        let views = model.layout.layer_views(i, &model.params);
+        model.layers[i].forward(&views, &mut flow, &ctx);
+    }
+    let d = cfg.hidden_size;
+    let n = batch.rows();
+    let norm = model
+        .param(FINAL_NORM)
+        .expect("the head declares model.norm.weight");
+    let mut normed = vec![T::default(); n * d];
+    let mut rstd = vec![0f32; n];
+    rmsnorm_forward(
+        &mut normed,
+        &mut rstd,
+        &flow.hidden,
+        norm,
+        n,
+        d,
+        cfg.norm_eps as f32,
+    );
+    let weight = model
+        .param(LM_HEAD)
+        .or_else(|| model.param(EMBED))
+        .expect("the model has an LM head weight");
+    let mut out = vec![0f32; rows.len() * cfg.vocab_size];
+    lm_head_logits(&mut out, &normed, weight, rows, d, cfg.vocab_size).map_err(|e| {
+        unsupported(
+            "logits rows",
+            e,
+            Some("rows index the batch's B*T positions"),
+        )
+    })?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+struct Embedding {
+    vocab: usize,
+    d: usize,
+}
+
+impl<T: Float> Layer<T> for Embedding {
+    fn name(&self) -> &str {
+        "model.embed_tokens"
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::new(EMBED, &[self.vocab, self.d])]
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let ids = &ctx.batch.input_ids;
+        flow.hidden.resize(ids.len() * self.d, T::default());
+        if let Err(e) = embedding_forward(&mut flow.hidden, ids, params[0], None, self.d) {
+            panic!("model.embed_tokens: {e}");
+        }
+    }
+
+    fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let ids = &ctx.batch.input_ids;
+        if let Err(e) = embedding_backward(grads[0], ids, &flow.hidden, self.d) {
+            panic!("model.embed_tokens: {e}");
+        }
+        // Token ids have no gradient.
+        flow.hidden = Vec::new();
+    }
+
+    fn clear(&mut self) {}
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoder block
+
+/// Where a linear layer's weight (and bias) sit in the block's parameter list.
+#[derive(Clone, Copy, Debug)]
+struct Lin {
+    w: usize,
+    b: Option<usize>,
+    inp: usize,
+    out: usize,
+}
+
+impl Lin {
+    fn shape(&self, rows: usize) -> LinearShape {
+        LinearShape {
+            rows,
+            in_features: self.inp,
+            out_features: self.out,
+            layout: WeightLayout::OutIn,
+        }
+    }
+}
+
+/// What a block's forward keeps for its backward.
+#[derive(Default)]
+struct Saved<T> {
+    x: Vec<T>,
+    h: Vec<T>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    att: Vec<T>,
+    lse: Vec<f32>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    rstd1: Vec<f32>,
+    rstd2: Vec<f32>,
+}
+
+/// Temporaries of forward (evaluation) and backward, shared by all blocks of a model.
+#[derive(Default)]
+struct Scratch<T> {
+    normed: Vec<T>,
+    rstd: Vec<f32>,
+    mid: Vec<T>,
+    dmid: Vec<T>,
+    dup: Vec<T>,
+    dnormed: Vec<T>,
+    datt: Vec<T>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+/// Resizes `v` to `n` elements, keeping its capacity (contents are overwritten by the caller).
+fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    v.resize(n, T::default());
+    &mut v[..n]
+}
+
+struct Decoder<T> {
+    name: String,
+    specs: Vec<ParamSpec>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+    norm1: usize,
+    norm2: usize,
+    d: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    eps: f32,
+    window: Option<usize>,
+    attention_dropout: f32,
+    rope: RopeTable,
+    rope_scaling: rope::RopeScaling,
+    rope_theta: f32,
+    saved: Option<Saved<T>>,
+    scratch: Arc<Mutex<Scratch<T>>>,
+}
+
+impl<T: Float> Decoder<T> {
+    fn new(
+        cfg: &ModelConfig,
+        index: usize,
+        rope: RopeTable,
+        rope_scaling: rope::RopeScaling,
+        rope_theta: f32,
+        scratch: Arc<Mutex<Scratch<T>>>,
+    ) -> Self {
+        let name = format!("model.layers.{index}");
+        let d = cfg.hidden_size;
+        let q_out = cfg.num_attention_heads * cfg.head_dim;
+        let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+        let ffn = cfg.intermediate_size;
+        let mut specs = Vec::new();
+        // HF's named_parameters() order: self_attn (q, k, v, o), mlp (gate, up, down), norms.
+        let mut linear = |module: &str, inp: usize, out: usize, bias: bool| {
+            let w = specs.len();
+            specs.push(ParamSpec::new(
+                format!("{name}.{module}.weight"),
+                &[out, inp],
+            ));
+            let b = bias.then(|| {
+                specs.push(ParamSpec::new(format!("{name}.{module}.bias"), &[out]));
+                w + 1
+            });
+            Lin { w, b, inp, out }
+        };
+        let q = linear("self_attn.q_proj", d, q_out, cfg.qkv_bias);
+        let k = linear("self_attn.k_proj", d, kv_out, cfg.qkv_bias);
+        let v = linear("self_attn.v_proj", d, kv_out, cfg.qkv_bias);
+        let o = linear("self_attn.o_proj", q_out, d, cfg.attn_output_bias);
+        let gate = linear("mlp.gate_proj", d, ffn, cfg.mlp_bias);
+        let up = linear("mlp.up_proj", d, ffn, cfg.mlp_bias);
+        let down = linear("mlp.down_proj", ffn, d, cfg.mlp_bias);
+        let norm1 = specs.len();
+        specs.push(ParamSpec::new(
+            format!("{name}.input_layernorm.weight"),
+            &[d],
+        ));
+        let norm2 = specs.len();
+        specs.push(ParamSpec::new(
+            format!("{name}.post_attention_layernorm.weight"),
+            &[d],
+        ));
+        Decoder {
+            name,
+            specs,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+            norm1,
+            norm2,
+            d,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            ffn,
+            eps: cfg.norm_eps as f32,
+            window: cfg.layer_sliding_window(index),
+            attention_dropout: cfg.dropout.attention,
+            rope,
+            rope_scaling,
+            rope_theta,
+            saved: None,
+            scratch,
+        }
+    }
+
+    /// Grows the RoPE table to cover `seq` positions (to the next power of two, so a few sizes
+    /// serve every batch).
+    fn ensure_rope(&mut self, seq: usize) {
+        if self.rope.max_positions < seq {
+            let n = seq.next_power_of_two();
+            self.rope = RopeTable::new(self.head_dim, self.rope_theta, &self.rope_scaling, n)
+                .expect("rope parameters were validated when the model was built");
+        }
+    }
+
+    fn spec(&self, batch: &Batch) -> AttnSpec {
+        AttnSpec::new(
+            batch.batch_size,
+            batch.seq_len,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        )
+        .with_window(self.window)
+    }
+
+    fn rope_apply(&self, x: &mut [T], batch: &Batch, heads: usize, forward: bool) {
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        let result = if forward {
+            rope_forward(x, &self.rope, b, t, heads, Positions::Offset(0))
+        } else {
+            rope_backward(x, &self.rope, b, t, heads, Positions::Offset(0))
+        };
+        if let Err(e) = result {
+            panic!("{}: {e}", self.name);
+        }
+    }
+}
+
+fn bias<'a, T>(params: &[&'a [T]], lin: Lin) -> Option<&'a [T]> {
+    lin.b.map(|i| params[i])
+}
+
+/// `out = residual + x · W^T (+ b)`: the projection is accumulated onto the residual stream in
+/// one f32 pass, so the branch output is never rounded on its own.
+fn project_residual<T: Float>(out: &mut [T], x: &[T], params: &[&[T]], lin: Lin, rows: usize) {
+    if let Some(b) = bias(params, lin) {
+        for row in out.chunks_exact_mut(lin.out) {
+            add_inplace(row, b);
+        }
+    }
+    matmul(
+        out,
+        x,
+        params[lin.w],
+        rows,
+        lin.inp,
+        lin.out,
+        false,
+        true,
+        true,
+    );
+}
+
+/// `linear_backward` with the weight (and bias) gradients taken from the block's views.
+#[allow(clippy::too_many_arguments)]
+fn linear_grads<T: Float>(
+    grads: &mut [&mut [f32]],
+    lin: Lin,
+    dx: Option<&mut [T]>,
+    accumulate_dx: bool,
+    dy: &[T],
+    x: &[T],
+    params: &[&[T]],
+    rows: usize,
+) {
+    let dw = std::mem::take(&mut grads[lin.w]);
+    let mut db = lin.b.map(|i| std::mem::take(&mut grads[i]));
+    linear_backward(
+        dx,
+        accumulate_dx,
+        Some(&mut *dw),
+        db.as_deref_mut(),
+        dy,
+        x,
+        params[lin.w],
+        lin.shape(rows),
+    );
+    grads[lin.w] = dw;
+    if let (Some(i), Some(db)) = (lin.b, db) {
+        grads[i] = db;
+    }
+}
+
+impl<T: Float> Layer<T> for Decoder<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        self.specs.clone()
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        if ctx.train && self.attention_dropout > 0.0 {
+            panic!(
+                "{}: not supported yet: attention_dropout = {} in training (set it to 0.0; \
+                 evaluation ignores it)",
+                self.name, self.attention_dropout
+            );
+        }
+        let batch = ctx.batch;
+        let rows = batch.rows();
+        let (d, ffn) = (self.d, self.ffn);
+        let spec = self.spec(batch);
+        self.ensure_rope(batch.seq_len);
+        let x = std::mem::take(&mut flow.hidden);
+        assert_eq!(
+            x.len(),
+            rows * d,
+            "{}: input is not [B*T, hidden]",
+            self.name
+        );
+
+        let scratch = self.scratch.clone();
+        let mut scratch = scratch.lock().expect("scratch lock");
+        let Scratch { normed, mid, .. } = &mut *scratch;
+        let mut s = Saved {
+            rstd1: vec![0f32; rows],
+            rstd2: vec![0f32; rows],
+            q: vec![T::default(); rows * self.q.out],
+            k: vec![T::default(); rows * self.k.out],
+            v: vec![T::default(); rows * self.v.out],
+            att: vec![T::default(); rows * self.q.out],
+            lse: vec![0f32; spec.lse_len()],
+            gate: vec![T::default(); rows * ffn],
+            up: vec![T::default(); rows * ffn],
+            ..Saved::default()
+        };
+
+        let n1 = sized(normed, rows * d);
+        rmsnorm_forward(n1, &mut s.rstd1, &x, params[self.norm1], rows, d, self.eps);
+        for (lin, out) in [(self.q, &mut s.q), (self.k, &mut s.k), (self.v, &mut s.v)] {
+            linear_forward(out, n1, params[lin.w], bias(params, lin), lin.shape(rows));
+        }
+        self.rope_apply(&mut s.q, batch, self.heads, true);
+        self.rope_apply(&mut s.k, batch, self.kv_heads, true);
+        if let Err(e) = attention_forward(&mut s.att, &mut s.lse, &s.q, &s.k, &s.v, &spec) {
+            panic!("{}: {e}", self.name);
+        }
+        let mut h = x.clone();
+        project_residual(&mut h, &s.att, params, self.o, rows);
+
+        let n2 = sized(normed, rows * d);
+        rmsnorm_forward(n2, &mut s.rstd2, &h, params[self.norm2], rows, d, self.eps);
+        for (lin, out) in [(self.gate, &mut s.gate), (self.up, &mut s.up)] {
+            linear_forward(out, n2, params[lin.w], bias(params, lin), lin.shape(rows));
+        }
+        let m = sized(mid, rows * ffn);
+        swiglu_forward(m, &s.gate, &s.up);
+        let mut out = h.clone();
+        project_residual(&mut out, m, params, self.down, rows);
+        drop(scratch);
+
+        flow.hidden = out;
+        if ctx.train {
+            s.x = x;
+            s.h = h;
+            self.saved = Some(s);
+        }
+    }
+
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
+        let s = self
+            .saved
+            .take()
+            .unwrap_or_else(|| panic!("{}: backward without a training forward", self.name));
+        let batch = ctx.batch;
+        let rows = batch.rows();
+        let (d, ffn) = (self.d, self.ffn);
+        let spec = self.spec(batch);
+        // The output gradient becomes dh (plus the MLP branch), then dx (plus the attention branch).
+        let mut dres = std::mem::take(&mut flow.hidden);
+        assert_eq!(
+            dres.len(),
+            rows * d,
+            "{}: output gradient is not [B*T, hidden]",
+            self.name
+        );
+
+        let scratch = self.scratch.clone();
+        let mut scratch = scratch.lock().expect("scratch lock");
+        let Scratch {
+            normed,
+            rstd,
+            mid,
+            dmid,
+            dup,
+            dnormed,
+            datt,
+            dq,
+            dk,
+            dv,
+        } = &mut *scratch;
+
+        // MLP branch.
+        let m = sized(mid, rows * ffn);
+        swiglu_forward(m, &s.gate, &s.up);
+        let dm = sized(dmid, rows * ffn);
+        linear_grads(
+            grads,
+            self.down,
+            Some(&mut *dm),
+            false,
+            &dres,
+            m,
+            params,
+            rows,
+        );
+        // silu(gate) * up is dead now: its buffer takes dgate.
+        let dgate = m;
+        let du = sized(dup, rows * ffn);
+        swiglu_backward(dgate, du, &s.gate, &s.up, dm);
+        let n2 = sized(normed, rows * d);
+        rmsnorm_forward(
+            n2,
+            sized(rstd, rows),
+            &s.h,
+            params[self.norm2],
+            rows,
+            d,
+            self.eps,
+        );
+        let dn = sized(dnormed, rows * d);
+        linear_grads(
+            grads,
+            self.gate,
+            Some(&mut *dn),
+            false,
+            dgate,
+            n2,
+            params,
+            rows,
+        );
+        linear_grads(grads, self.up, Some(&mut *dn), true, du, n2, params, rows);
+        let dw2 = std::mem::take(&mut grads[self.norm2]);
+        rmsnorm_backward(
+            &mut dres,
+            true,
+            Some(&mut *dw2),
+            dn,
+            &s.h,
+            params[self.norm2],
+            &s.rstd2,
+            rows,
+            d,
+        );
+        grads[self.norm2] = dw2;
+
+        // Attention branch.
+        let da = sized(datt, rows * self.q.out);
+        linear_grads(
+            grads,
+            self.o,
+            Some(&mut *da),
+            false,
+            &dres,
+            &s.att,
+            params,
+            rows,
+        );
+        let (dq, dk, dv) = (
+            sized(dq, rows * self.q.out),
+            sized(dk, rows * self.k.out),
+            sized(dv, rows * self.v.out),
+        );
+        if let Err(e) = attention_backward(dq, dk, dv, da, &s.q, &s.k, &s.v, &s.att, &s.lse, &spec)
+        {
+            panic!("{}: {e}", self.name);
+        }
+        self.rope_apply(dq, batch, self.heads, false);
+        self.rope_apply(dk, batch, self.kv_heads, false);
+        let n1 = sized(normed, rows * d);
+        rmsnorm_forward(
+            n1,
+            sized(rstd, rows),
+            &s.x,
+            params[self.norm1],
+            rows,
+            d,
+            self.eps,
+        );
+        let dn = sized(dnormed, rows * d);
+        linear_grads(grads, self.q, Some(&mut *dn), false, dq, n1, params, rows);
+        linear_grads(grads, self.k, Some(&mut *dn), true, dk, n1, params, rows);
+        linear_grads(grads, self.v, Some(&mut *dn), true, dv, n1, params, rows);
+        let dw1 = std::mem::take(&mut grads[self.norm1]);
+        rmsnorm_backward(
+            &mut dres,
+            true,
+            Some(&mut *dw1),
+            dn,
+            &s.x,
+            params[self.norm1],
+            &s.rstd1,
+            rows,
+            d,
+        );
+        grads[self.norm1] = dw1;
+
+        flow.hidden = dres;
+    }
+
+    fn clear(&mut self) {
+        self.saved = None;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head: final RMSNorm, LM head and cross-entropy
+
+struct Head<T> {
+    vocab: usize,
+    d: usize,
+    eps: f32,
+    tied: bool,
+    /// The input and its rstd, kept for backward.
+    saved: Option<(Vec<T>, Vec<f32>)>,
+    normed: Vec<T>,
+    logits: Vec<f32>,
+}
+
+impl<T: Float> Head<T> {
+    fn new(cfg: &ModelConfig) -> Self {
+        Head {
+            vocab: cfg.vocab_size,
+            d: cfg.hidden_size,
+            eps: cfg.norm_eps as f32,
+            tied: cfg.tie_word_embeddings,
+            saved: None,
+            normed: Vec::new(),
+            logits: Vec::new(),
+        }
+    }
+}
+
+impl<T: Float> Layer<T> for Head<T> {
+    fn name(&self) -> &str {
+        "lm_head"
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        let mut specs = vec![ParamSpec::new(FINAL_NORM, &[self.d])];
+        if !self.tied {
+            specs.push(ParamSpec::new(LM_HEAD, &[self.vocab, self.d]));
+        }
+        specs
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        if self.tied {
+            vec![EMBED.to_string()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let rows = ctx.batch.rows();
+        let x = std::mem::take(&mut flow.hidden);
+        assert_eq!(
+            x.len(),
+            rows * self.d,
+            "lm_head: input is not [B*T, hidden]"
+        );
+        let mut rstd = vec![0f32; rows];
+        let normed = sized(&mut self.normed, rows * self.d);
+        rmsnorm_forward(normed, &mut rstd, &x, params[0], rows, self.d, self.eps);
+        // Training recomputes the logits in backward (the fused kernel needs ctx.grad_scale),
+        // so no [rows, vocab] buffer ever outlives one chunk.
+        let stats = lm_head_cross_entropy_loss(
+            normed,
+            params[1],
+            &ctx.batch.labels,
+            rows,
+            self.d,
+            self.vocab,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        flow.loss = Some(LossSum {
+            nll: stats.nll_sum,
+            tokens: stats.count,
+        });
+        if ctx.train {
+            self.saved = Some((x, rstd));
+        }
+    }
+
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
+        let (x, rstd) = self
+            .saved
+            .take()
+            .expect("lm_head: backward without a training forward");
+        let rows = ctx.batch.rows();
+        let d = self.d;
+        let normed = sized(&mut self.normed, rows * d);
+        rmsnorm_forward(
+            normed,
+            &mut vec![0f32; rows],
+            &x,
+            params[0],
+            rows,
+            d,
+            self.eps,
+        );
+        let mut dnormed = vec![T::default(); rows * d];
+        lm_head_cross_entropy(
+            &mut dnormed,
+            Some(&mut *grads[1]),
+            normed,
+            params[1],
+            &ctx.batch.labels,
+            rows,
+            d,
+            self.vocab,
+            ctx.grad_scale,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        let mut dx = vec![T::default(); rows * d];
+        rmsnorm_backward(
+            &mut dx,
+            false,
+            Some(&mut *grads[0]),
+            &dnormed,
+            &x,
+            params[0],
+            &rstd,
+            rows,
+            d,
+        );
+        flow.hidden = dx;
+    }
+
+    fn clear(&mut self) {
+        self.saved = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// LLaMA with every optional bias and tied embeddings.
+    const LLAMA: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 20, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 100.0,
+        "attention_bias": true, "mlp_bias": true, "tie_word_embeddings": true
+    }"#;
+
+    /// Qwen2 whose second layer uses a sliding window of 3, untied head.
+    const QWEN2: &str = r#"{
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": 20, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+        "use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
+        "tie_word_embeddings": false
+    }"#;
+
+    fn cfg(json: &str) -> ModelConfig {
+        ModelConfig::from_json_str("test config.json", json).unwrap()
+    }
+
+    fn cfg_with(json: &str, key: &str, value: serde_json::Value) -> ModelConfig {
+        let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v[key] = value;
+        cfg(&v.to_string())
+    }
+
+    /// Random weights big enough that every path matters (norm weights around 1).
+    fn model<T: Float>(cfg: &ModelConfig, seed: u64) -> Model<T> {
+        let mut m = build::<T>(cfg).unwrap();
+        let mut rng = Normal::new(seed);
+        let slots: Vec<_> = m.layout.slots().to_vec();
+        for slot in slots {
+            let norm = slot.spec.name.ends_with("norm.weight");
+            for v in &mut m.params[slot.range()] {
+                let z = rng.next() as f32;
+                *v = T::from_f32(if norm { 1.0 + 0.1 * z } else { 0.3 * z });
+            }
+        }
+        m
+    }
+
+    fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> Batch {
+        let mut rng = Normal::new(seed);
+        let ids: Vec<u32> = (0..b * t)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
+        let mut labels: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        labels[0] = crate::IGNORE_INDEX;
+        labels[b * t - 2] = crate::IGNORE_INDEX;
+        Batch::from_hf_labels(b, t, ids, &labels)
+    }
+
+    fn to_f32_params<T: Float>(m: &Model<T>) -> Vec<f32> {
+        m.params.iter().map(|v| v.to_f32()).collect()
+    }
+
+    #[test]
+    fn layout_is_transformers_named_parameters() {
+        for json in [LLAMA, QWEN2] {
+            let cfg = cfg(json);
+            let m = build::<f32>(&cfg).unwrap();
+            let got: Vec<(String, Vec<usize>)> = m
+                .layout
+                .slots()
+                .iter()
+                .map(|s| (s.spec.name.clone(), s.spec.shape.clone()))
+                .collect();
+            assert_eq!(got, cfg.param_shapes());
+        }
+        let tied = build::<f32>(&cfg(LLAMA)).unwrap();
+        assert!(tied.param(LM_HEAD).is_none());
+        assert!(tied.param("model.layers.1.self_attn.o_proj.bias").is_some());
+        assert!(tied.param("model.layers.0.mlp.down_proj.bias").is_some());
+    }
+
+    /// Central differences of the mean loss against the analytic gradient, a few entries of every
+    /// parameter tensor (so every layer's backward, including the tied head and the window).
+    fn check_gradients(cfg: &ModelConfig, seed: u64) {
+        let mut m = model::<f32>(cfg, seed);
+        let b = batch(cfg.vocab_size, 2, 7, seed + 1);
+        let loss = m.forward(&b, true, 0);
+        let mut grads = vec![0f32; m.params.len()];
+        m.backward(&mut grads, &b, 1.0 / loss.tokens as f32, 0);
+        let eps = 1e-2f32;
+        let mut rng = Normal::new(seed + 2);
+        let slots: Vec<_> = m.layout.slots().to_vec();
+        for slot in slots {
+            let range = slot.range();
+            let g = &grads[range.clone()];
+            let scale = g.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+            for _ in 0..4 {
+                let i = range.start + (rng.next_u64() % range.len() as u64) as usize;
+                let orig = m.params[i];
+                m.params[i] = orig + eps;
+                let plus = m.forward(&b, false, 0).mean();
+                m.params[i] = orig - eps;
+                let minus = m.forward(&b, false, 0).mean();
+                m.params[i] = orig;
+                let numeric = ((plus - minus) / (2.0 * eps as f64)) as f32;
+                let err = (grads[i] - numeric).abs();
+                assert!(
+                    err <= 2e-2 * scale,
+                    "{}[{}]: analytic {} vs numeric {numeric} (tensor max {scale})",
+                    slot.spec.name,
+                    i - range.start,
+                    grads[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_llama_biases_tied() {
+        check_gradients(&cfg(LLAMA), 11);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_qwen2_window_linear_rope() {
+        let cfg = cfg(QWEN2);
+        assert_eq!(cfg.layer_sliding_window(0), None);
+        assert_eq!(cfg.layer_sliding_window(1), Some(3));
+        check_gradients(&cfg, 21);
+    }
+
+    #[test]
+    fn sliding_window_changes_the_loss_only_beyond_the_window() {
+        let with = cfg(QWEN2);
+        let without = cfg_with(QWEN2, "use_sliding_window", false.into());
+        let mut a = model::<f32>(&with, 3);
+        let mut b = build::<f32>(&without).unwrap();
+        b.params.copy_from_slice(&a.params);
+        let short = batch(20, 2, 3, 4);
+        assert_eq!(a.forward(&short, false, 0), b.forward(&short, false, 0));
+        let long = batch(20, 2, 9, 4);
+        assert_ne!(a.forward(&long, false, 0), b.forward(&long, false, 0));
+    }
+
+    #[test]
+    fn backward_accumulates_and_zero_dropout_is_deterministic() {
+        let cfg = cfg(LLAMA);
+        let mut m = model::<f32>(&cfg, 5);
+        let b = batch(20, 2, 6, 6);
+        let first = m.forward(&b, true, 1);
+        let mut once = vec![0f32; m.params.len()];
+        m.backward(&mut once, &b, 0.5, 1);
+        let second = m.forward(&b, true, 2);
+        assert_eq!(first, second);
+        assert_eq!(first, m.forward(&b, false, 3));
+        let mut twice = once.clone();
+        m.backward(&mut twice, &b, 0.5, 2);
+        // Accumulating inside the matmul rounds the sum once, so allow f32 rounding.
+        let scale = once.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(scale > 0.0);
+        for (t, o) in twice.iter().zip(&once) {
+            assert!((t - 2.0 * o).abs() <= 1e-6 * scale, "{t} vs 2 x {o}");
+        }
+    }
+
+    #[test]
+    fn logits_give_the_loss() {
+        let cfg = cfg(QWEN2);
+        let mut m = model::<f32>(&cfg, 7);
+        let b = batch(20, 2, 5, 8);
+        let loss = m.forward(&b, false, 0);
+        let rows: Vec<usize> = (0..b.rows()).collect();
+        let all = logits(&mut m, &cfg, &b, &rows).unwrap();
+        let mut nll = 0f64;
+        for (r, &label) in b.labels.iter().enumerate() {
+            if label == crate::IGNORE_INDEX {
+                continue;
+            }
+            let row = &all[r * 20..(r + 1) * 20];
+            let max = row.iter().fold(f32::MIN, |a, &v| a.max(v)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[label as usize] as f64;
+        }
+        assert!((nll - loss.nll).abs() < 1e-4 * nll, "{nll} vs {}", loss.nll);
+        let last = logits(&mut m, &cfg, &b, &[b.rows() - 1]).unwrap();
+        assert_eq!(last, all[(b.rows() - 1) * 20..]);
+        assert!(logits(&mut m, &cfg, &b, &[b.rows()]).is_err());
+    }
+
+    /// bf16 storage with f32 accumulation: loss within 1% and logits within 5% of the largest
+    /// logit of the f32 model with the same (bf16-representable) weights.
+    #[test]
+    fn bf16_forward_is_close_to_f32() {
+        let cfg = cfg(LLAMA);
+        let m16 = model::<bf16>(&cfg, 9);
+        let mut m16 = m16;
+        let mut m32 = build::<f32>(&cfg).unwrap();
+        m32.params.copy_from_slice(&to_f32_params(&m16));
+        let b = batch(20, 2, 8, 10);
+        let l32 = m32.forward(&b, false, 0).mean();
+        let l16 = m16.forward(&b, false, 0).mean();
+        assert!((l32 - l16).abs() < 1e-2 * l32, "bf16 {l16} vs f32 {l32}");
+        let rows: Vec<usize> = (0..b.rows()).collect();
+        let g32 = logits(&mut m32, &cfg, &b, &rows).unwrap();
+        let g16 = logits(&mut m16, &cfg, &b, &rows).unwrap();
+        let scale = g32.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, b) in g32.iter().zip(&g16) {
+            assert!((a - b).abs() < 5e-2 * scale, "{a} vs {b}");
+        }
+        // Training in bf16 runs end to end and gives finite gradients.
+        m16.forward(&b, true, 0);
+        let mut grads = vec![0f32; m16.params.len()];
+        m16.backward(&mut grads, &b, 0.1, 0);
+        assert!(grads.iter().all(|g| g.is_finite()) && grads.iter().any(|&g| g != 0.0));
+    }
+
+    #[test]
+    fn attention_dropout_is_refused_in_training_only() {
+        let cfg = cfg_with(LLAMA, "attention_dropout", 0.1.into());
+        let err = check_trainable(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("not supported yet: attention_dropout = 0.1"),
+            "{err}"
+        );
+        let mut m = model::<f32>(&cfg, 1);
+        let b = batch(20, 1, 4, 2);
+        assert!(m.forward(&b, false, 0).nll.is_finite());
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.forward(&b, true, 0);
+        }))
+        .unwrap_err();
+        let msg = panic.downcast_ref::<String>().unwrap();
+        assert!(
+            msg.contains("not supported yet: attention_dropout"),
+            "{msg}"
+        );
+        assert!(check_trainable(&cfg_with(LLAMA, "attention_dropout", 0.0.into())).is_ok());
+    }
+
+    #[test]
+    fn unsupported_configs_are_named() {
+        let gelu = cfg_with(LLAMA, "hidden_act", "gelu".into());
+        let err = build::<f32>(&gelu).err().unwrap().to_string();
+        assert!(err.contains("hidden_act") && err.contains("Gelu"), "{err}");
+        let gpt2 = ModelConfig::from_json_str(
+            "gpt2.json",
+            r#"{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 1,
+                "vocab_size": 20, "n_positions": 8}"#,
+        )
+        .unwrap();
+        let err = build::<f32>(&gpt2).err().unwrap().to_string();
+        assert!(err.contains("GPT2LMHeadModel"), "{err}");
+    }
+
+    #[test]
+    fn init_weights_follow_hf_and_are_seeded() {
+        let cfg = cfg(LLAMA);
+        let mut a = build::<f32>(&cfg).unwrap();
+        init_weights(&mut a, &cfg, 42);
+        let mut b = build::<f32>(&cfg).unwrap();
+        init_weights(&mut b, &cfg, 42);
+        assert_eq!(a.params, b.params);
+        init_weights(&mut b, &cfg, 43);
+        assert_ne!(a.params, b.params);
+        assert!(a
+            .param("model.norm.weight")
+            .unwrap()
+            .iter()
+            .all(|&v| v == 1.0));
+        let bias = a.param("model.layers.0.self_attn.q_proj.bias").unwrap();
+        assert!(bias.iter().all(|&v| v == 0.0));
+        // A large tensor's sample mean and standard deviation.
+        let w: Vec<f32> = a
+            .layout
+            .slots()
+            .iter()
+            .filter(|s| s.spec.name.ends_with("proj.weight"))
+            .flat_map(|s| a.params[s.range()].to_vec())
+            .collect();
+        let n = w.len() as f64;
+        let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+        assert!((std - 0.02).abs() < 1e-3, "std {std}");
+    }
+
+    #[test]
+    fn name_rules_skip_tied_head_and_rotary_buffers() {
+        let tied = name_rules(&cfg(LLAMA));
+        assert!(tied.ignore.contains(&LM_HEAD.to_string()));
+        assert!(tied.ignore.contains(&".rotary_emb.inv_freq".to_string()));
+        assert!(!name_rules(&cfg(QWEN2))
+            .ignore
+            .contains(&LM_HEAD.to_string()));
+    }
+}
