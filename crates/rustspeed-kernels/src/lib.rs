@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod dtype;
 pub mod embedding;
 pub mod layernorm;
@@ -14,5 +15,7 @@ pub mod optim;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+#[cfg(test)]
+pub mod testing;
 
 pub use dtype::{DType, Float};

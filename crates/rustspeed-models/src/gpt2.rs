@@ -1,0 +1,1203 @@
+//! GPT-2 (`GPT2LMHeadModel`) on the layer protocol: an embedding layer (`wte` + `wpe` + dropout),
+//! one layer per transformer block `transformer.h.{i}`, and a head (`ln_f`, the LM head tied to
+//! `wte` unless the config unties it, and the chunked fused cross-entropy).
+//!
+//! Parameter names, shapes and order are transformers' `named_parameters()`; the Conv1D weights
+//! are stored `[in, out]` as in the checkpoints.
+//!
+//! Dropout masks come from [`rustspeed_kernels::dropout`]: the key of a site is
+//! `(ctx.dropout_seed, layer index in the model, site)`, so backward and a recomputed forward
+//! regenerate the mask instead of storing it. Sites: block 0 = after `attn.c_proj`, 1 = after
+//! `mlp.c_proj`; embedding 0. Attention-probability dropout (`attn_pdrop`) is not implemented: a
+//! training forward with `attn_pdrop > 0` is refused (see [`check_trainable`]).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustspeed_kernels::activation::{
+    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, silu_backward,
+    silu_forward,
+};
+use rustspeed_kernels::attention::{attention_backward, attention_forward, AttnSpec};
+use rustspeed_kernels::cross_entropy::{
+    lm_head_cross_entropy, lm_head_cross_entropy_loss, lm_head_logits,
+};
+use rustspeed_kernels::dropout::{dropout_inplace, dropout_key};
+use rustspeed_kernels::embedding::{embedding_backward, embedding_forward};
+use rustspeed_kernels::layernorm::{layernorm_backward, layernorm_forward};
+use rustspeed_kernels::matmul::{linear_backward, linear_forward, LinearShape, WeightLayout};
+use rustspeed_kernels::residual::residual_forward;
+use rustspeed_kernels::Float;
+
+use crate::error::ModelError;
+use crate::hf_config::{Activation, Architecture, ModelConfig};
+use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::model::Model;
+use crate::params::ParamSpec;
+use crate::weights::NameRules;
+
+const WTE: &str = "transformer.wte.weight";
+const WPE: &str = "transformer.wpe.weight";
+const LN_F_WEIGHT: &str = "transformer.ln_f.weight";
+const LN_F_BIAS: &str = "transformer.ln_f.bias";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Dropout sites of a block (see the module docs).
+const SITE_ATTN_RESID: u64 = 0;
+const SITE_MLP_RESID: u64 = 1;
+const SITE_EMBEDDING: u64 = 0;
+
+/// The sizes every GPT-2 layer needs.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    d: usize,
+    heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    vocab: usize,
+    max_positions: usize,
+    eps: f32,
+    activation: Activation,
+    embd_pdrop: f32,
+    resid_pdrop: f32,
+    attn_pdrop: f32,
+}
+
+impl Dims {
+    fn from_config(cfg: &ModelConfig) -> Self {
+        Dims {
+            d: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim,
+            ffn: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+            max_positions: cfg.max_position_embeddings,
+            eps: cfg.norm_eps as f32,
+            activation: cfg.activation,
+            embd_pdrop: cfg.dropout.embedding,
+            resid_pdrop: cfg.dropout.residual,
+            attn_pdrop: cfg.dropout.attention,
+        }
+    }
+
+    fn linear(&self, rows: usize, inp: usize, out: usize) -> LinearShape {
+        LinearShape {
+            rows,
+            in_features: inp,
+            out_features: out,
+            layout: WeightLayout::InOut,
+        }
+    }
+}
+
+/// Refuses configurations this implementation cannot train faithfully (today: `attn_pdrop > 0`).
+/// Evaluation is unaffected. The engine should call this before training; a training forward
+/// that gets here anyway panics with the same message.
+pub fn check_trainable(cfg: &ModelConfig) -> Result<(), ModelError> {
+    if cfg.dropout.attention > 0.0 {
+        return Err(attn_pdrop_error(cfg.dropout.attention));
+    }
+    Ok(())
+}
+
+fn attn_pdrop_error(p: f32) -> ModelError {
+    ModelError::Unsupported {
+        what: "attn_pdrop".into(),
+        value: p.to_string(),
+        hint: Some("set it to 0.0 in config.json".into()),
+    }
+}
+
+/// Builds `GPT2LMHeadModel` with zeroed parameters (fill them with [`init_weights`] or
+/// `load_hf_weights` and [`name_rules`]).
+pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
+    if cfg.architecture != Architecture::Gpt2 {
+        return Err(ModelError::Unsupported {
+            what: "architecture".into(),
+            value: cfg.architecture.hf_class().into(),
+            hint: Some("gpt2::build builds GPT2LMHeadModel only".into()),
+        });
+    }
+    if cfg.num_attention_heads == 0
+        || cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
+        || cfg.num_key_value_heads != cfg.num_attention_heads
+    {
+        return Err(ModelError::Unsupported {
+            what: "n_head".into(),
+            value: cfg.num_attention_heads.to_string(),
+            hint: Some(format!(
+                "GPT-2 needs n_embd ({}) = n_head * head_dim and no grouped-query heads",
+                cfg.hidden_size
+            )),
+        });
+    }
+    let dims = Dims::from_config(cfg);
+    let scratch = Arc::new(Mutex::new(Scratch::default()));
+    let mut layers: Vec<Box<dyn Layer<T>>> = Vec::with_capacity(cfg.num_hidden_layers + 2);
+    layers.push(Box::new(Embedding {
+        dims,
+        index: 0,
+        positions: Vec::new(),
+    }));
+    for i in 0..cfg.num_hidden_layers {
+        layers.push(Box::new(Block {
+            name: format!("transformer.h.{i}"),
+            dims,
+            index: i + 1,
+            acts: Acts::default(),
+            scratch: Arc::clone(&scratch),
+        }));
+    }
+    layers.push(Box::new(Head {
+        dims,
+        tied: cfg.tie_word_embeddings,
+        x: Vec::new(),
+        normed: Vec::new(),
+        mean: Vec::new(),
+        rstd: Vec::new(),
+        dnormed: Vec::new(),
+        logits: Vec::new(),
+    }));
+    Ok(Model::new(layers)?)
+}
+
+/// What GPT-2 checkpoints hold besides the parameters: the causal-mask buffers `.attn.bias` and
+/// `.attn.masked_bias` of older transformers versions, a tied `lm_head.weight` saved anyway, and
+/// names without the `transformer.` prefix (the original OpenAI conversion).
+pub fn name_rules(cfg: &ModelConfig) -> NameRules {
+    let mut ignore = vec![".attn.bias".to_string(), ".attn.masked_bias".to_string()];
+    if cfg.tie_word_embeddings {
+        ignore.push(LM_HEAD.to_string());
+    }
+    NameRules {
+        ignore,
+        optional_prefix: Some("transformer.".into()),
+    }
+}
+
+/// HF's `GPT2PreTrainedModel._init_weights` with `initializer_range` 0.02 (the value of every
+/// published GPT-2 config; `ModelConfig` does not carry it): weights of Conv1D, Linear and
+/// Embedding ~ N(0, 0.02), biases 0, LayerNorm weight 1, and every `c_proj.weight` ~
+/// N(0, 0.02 / sqrt(2 * n_layer)).
+///
+/// The generator: each parameter draws from its own splitmix64 stream seeded by `seed` and an
+/// FNV-1a hash of its name, through Box-Muller on 53-bit uniforms; so a parameter's values do
+/// not depend on which other parameters exist or in which order they are initialised.
+pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64) {
+    const RANGE: f64 = 0.02;
+    let proj_std = RANGE / (2.0 * cfg.num_hidden_layers.max(1) as f64).sqrt();
+    let slots: Vec<_> = model.layout.slots().to_vec();
+    for slot in slots {
+        let name = slot.spec.name.as_str();
+        let values = &mut model.params[slot.range()];
+        let is_norm = name.contains(".ln_");
+        if name.ends_with(".bias") {
+            values.fill(T::from_f32(0.0));
+        } else if is_norm {
+            values.fill(T::from_f32(1.0));
+        } else {
+            let std = if name.ends_with("c_proj.weight") {
+                proj_std
+            } else {
+                RANGE
+            };
+            let mut rng = NormalRng::new(seed, name);
+            for v in values.iter_mut() {
+                *v = T::from_f32((rng.next() * std) as f32);
+            }
+        }
+    }
+}
+
+/// A standard normal generator: splitmix64 + Box-Muller (both outputs used).
+struct NormalRng {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl NormalRng {
+    fn new(seed: u64, name: &str) -> Self {
+        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        NormalRng {
+            state: seed ^ h.rotate_left(17),
+            spare: None,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let r = (-2.0 * self.uniform().ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * self.uniform();
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+}
+
+/// The f32 logits `[rows.len(), vocab]` of the given rows (`b * seq_len + t`) of `batch`: every
+/// layer but the head runs in evaluation mode, then `ln_f` and the LM head. For parity tests
+/// (all rows) and generation (the last row of each sequence).
+pub fn logits<T: Float>(
+    model: &mut Model<T>,
+    cfg: &ModelConfig,
+    batch: &Batch,
+    rows: &[usize],
+) -> Vec<f32> {
+    let n = batch.rows();
+    if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+        panic!("gpt2::logits: row {bad} requested, the batch has {n} rows");
+    }
+    let ctx = Ctx {
+        batch,
+        train: false,
+        dropout_seed: 0,
+        grad_scale: 1.0,
+    };
+    let mut flow = Flow::default();
+    let head = model.layers.len() - 1;
+    for i in 0..head {
+        let views = model.layout.layer_views(i, &model.params);
+        model.layers[i].forward(&views, &mut flow, &ctx);
+    }
+    let d = cfg.hidden_size;
+    let weight_name = if cfg.tie_word_embeddings {
+        WTE
+    } else {
+        LM_HEAD
+    };
+    let param = |name: &str| {
+        model
+            .param(name)
+            .unwrap_or_else(|| panic!("gpt2::logits: the model has no parameter `{name}`"))
+    };
+    let mut normed = vec![T::default(); n * d];
+    let (mut mean, mut rstd) = (vec![0f32; n], vec![0f32; n]);
+    layernorm_forward(
+        &mut normed,
+        &mut mean,
+        &mut rstd,
+        &flow.hidden,
+        param(LN_F_WEIGHT),
+        param(LN_F_BIAS),
+        n,
+        d,
+        cfg.norm_eps as f32,
+    );
+    let mut out = vec![0f32; rows.len() * cfg.vocab_size];
+    lm_head_logits(
+        &mut out,
+        &normed,
+        param(weight_name),
+        rows,
+        d,
+        cfg.vocab_size,
+    )
+    .expect("rows were checked above");
+    out
+}
+
+/// Position ids `0..seq_len` for every sequence (HF's default without `position_ids`).
+fn fill_positions(positions: &mut Vec<u32>, batch: &Batch) {
+    positions.clear();
+    for _ in 0..batch.batch_size {
+        positions.extend(0..batch.seq_len as u32);
+    }
+}
+
+/// `transformer.wte` + `transformer.wpe`, then embedding dropout.
+struct Embedding {
+    dims: Dims,
+    index: usize,
+    positions: Vec<u32>,
+}
+
+impl Embedding {
+    fn check_batch(&self, batch: &Batch) {
+        assert!(
+            batch.seq_len <= self.dims.max_positions,
+            "GPT-2: sequence length {} exceeds n_positions = {}",
+            batch.seq_len,
+            self.dims.max_positions
+        );
+        assert_eq!(
+            batch.input_ids.len(),
+            batch.rows(),
+            "GPT-2: input_ids length"
+        );
+    }
+}
+
+impl<T: Float> Layer<T> for Embedding {
+    fn name(&self) -> &str {
+        "transformer.wte+wpe"
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        let d = self.dims.d;
+        vec![
+            ParamSpec::new(WTE, &[self.dims.vocab, d]),
+            ParamSpec::new(WPE, &[self.dims.max_positions, d]),
+        ]
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let batch = ctx.batch;
+        self.check_batch(batch);
+        fill_positions(&mut self.positions, batch);
+        let d = self.dims.d;
+        flow.hidden.resize(batch.rows() * d, T::default());
+        flow.loss = None;
+        embedding_forward(
+            &mut flow.hidden,
+            &batch.input_ids,
+            params[0],
+            Some((params[1], &self.positions)),
+            d,
+        )
+        .unwrap_or_else(|e| panic!("GPT-2 embedding: {e}"));
+        if ctx.train {
+            let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
+            dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
+        }
+    }
+
+    fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let batch = ctx.batch;
+        self.check_batch(batch);
+        fill_positions(&mut self.positions, batch);
+        let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
+        dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
+        let d = self.dims.d;
+        let (wte, wpe) = pair(grads, 0);
+        embedding_backward(wte, &batch.input_ids, &flow.hidden, d)
+            .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
+        embedding_backward(wpe, &self.positions, &flow.hidden, d)
+            .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
+        // The token ids have no gradient.
+        flow.hidden.clear();
+    }
+
+    fn clear(&mut self) {
+        self.positions = Vec::new();
+    }
+}
+
+/// What a block's forward keeps for its backward.
+#[derive(Default)]
+struct Acts<T> {
+    /// The block's input (the residual stream).
+    x: Vec<T>,
+    ln1: Vec<T>,
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    att: Vec<T>,
+    lse: Vec<f32>,
+    /// The residual stream after the attention branch.
+    x2: Vec<T>,
+    ln2: Vec<T>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    fc: Vec<T>,
+    act: Vec<T>,
+}
+
+/// Temporaries shared by all blocks of a model (the blocks run one at a time): the fused qkv
+/// projection, branch outputs, backward's gradient buffers, and the activations of evaluation
+/// forwards, which nothing keeps. Sharing keeps their capacity across calls without one copy
+/// per block.
+#[derive(Default)]
+struct Scratch<T> {
+    qkv: Vec<T>,
+    branch: Vec<T>,
+    eval: Acts<T>,
+    dbranch: Vec<T>,
+    dffn: Vec<T>,
+    dd: Vec<T>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+    dqkv: Vec<T>,
+}
+
+/// `transformer.h.{i}`: `x + drop(attn(ln_1(x)))`, then `+ drop(mlp(ln_2(.)))`.
+struct Block<T> {
+    name: String,
+    dims: Dims,
+    index: usize,
+    acts: Acts<T>,
+    scratch: Arc<Mutex<Scratch<T>>>,
+}
+
+/// Resizes a buffer whose contents will be overwritten.
+fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    v.resize(n, T::default());
+    &mut v[..]
+}
+
+/// Two consecutive gradient views (a weight and its bias).
+fn pair<'a>(grads: &'a mut [&mut [f32]], i: usize) -> (&'a mut [f32], &'a mut [f32]) {
+    let (a, b) = grads.split_at_mut(i + 1);
+    (&mut *a[i], &mut *b[0])
+}
+
+fn act_forward<T: Float>(activation: Activation, out: &mut [T], x: &[T]) {
+    match activation {
+        Activation::GeluTanh => gelu_tanh_forward(out, x),
+        Activation::Gelu => gelu_erf_forward(out, x),
+        Activation::Silu => silu_forward(out, x),
+    }
+}
+
+fn act_backward<T: Float>(activation: Activation, dx: &mut [T], x: &[T], dout: &[T]) {
+    match activation {
+        Activation::GeluTanh => gelu_tanh_backward(dx, x, dout),
+        Activation::Gelu => gelu_erf_backward(dx, x, dout),
+        Activation::Silu => silu_backward(dx, x, dout),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another block's kernel leaves only scratch contents behind, which every use
+    // overwrites, so a poisoned lock is safe to reuse.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<T: Float> Block<T> {
+    fn attn_spec(&self, batch: &Batch) -> AttnSpec {
+        let dm = &self.dims;
+        AttnSpec::new(
+            batch.batch_size,
+            batch.seq_len,
+            dm.heads,
+            dm.heads,
+            dm.head_dim,
+        )
+    }
+
+    /// The forward pass into `acts`; `flow.hidden` is swapped into `acts.x` and replaced by the
+    /// block's output.
+    fn run_forward(
+        &self,
+        acts: &mut Acts<T>,
+        qkv: &mut Vec<T>,
+        branch: &mut Vec<T>,
+        params: &[&[T]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
+        let Dims { d, ffn, eps, .. } = self.dims;
+        let n = ctx.batch.rows();
+        assert_eq!(
+            flow.hidden.len(),
+            n * d,
+            "{}: input has {} elements, expected rows*n_embd = {n}*{d}",
+            self.name,
+            flow.hidden.len()
+        );
+        std::mem::swap(&mut acts.x, &mut flow.hidden);
+        let x = &acts.x;
+
+        layernorm_forward(
+            sized(&mut acts.ln1, n * d),
+            sized(&mut acts.mean1, n),
+            sized(&mut acts.rstd1, n),
+            x,
+            params[0],
+            params[1],
+            n,
+            d,
+            eps,
+        );
+        let qkv = sized(qkv, n * 3 * d);
+        linear_forward(
+            qkv,
+            &acts.ln1,
+            params[2],
+            Some(params[3]),
+            self.dims.linear(n, d, 3 * d),
+        );
+        let (q, k, v) = (
+            sized(&mut acts.q, n * d),
+            sized(&mut acts.k, n * d),
+            sized(&mut acts.v, n * d),
+        );
+        for (r, row) in qkv.chunks_exact(3 * d).enumerate() {
+            q[r * d..(r + 1) * d].copy_from_slice(&row[..d]);
+            k[r * d..(r + 1) * d].copy_from_slice(&row[d..2 * d]);
+            v[r * d..(r + 1) * d].copy_from_slice(&row[2 * d..]);
+        }
+        let spec = self.attn_spec(ctx.batch);
+        attention_forward(
+            sized(&mut acts.att, n * d),
+            sized(&mut acts.lse, spec.lse_len()),
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            &spec,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        let branch = sized(branch, n * d);
+        linear_forward(
+            branch,
+            &acts.att,
+            params[4],
+            Some(params[5]),
+            self.dims.linear(n, d, d),
+        );
+        if ctx.train {
+            let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_ATTN_RESID);
+            dropout_inplace(branch, self.dims.resid_pdrop, key, 0);
+        }
+        residual_forward(sized(&mut acts.x2, n * d), x, branch);
+
+        layernorm_forward(
+            sized(&mut acts.ln2, n * d),
+            sized(&mut acts.mean2, n),
+            sized(&mut acts.rstd2, n),
+            &acts.x2,
+            params[6],
+            params[7],
+            n,
+            d,
+            eps,
+        );
+        linear_forward(
+            sized(&mut acts.fc, n * ffn),
+            &acts.ln2,
+            params[8],
+            Some(params[9]),
+            self.dims.linear(n, d, ffn),
+        );
+        act_forward(
+            self.dims.activation,
+            sized(&mut acts.act, n * ffn),
+            &acts.fc,
+        );
+        linear_forward(
+            branch,
+            &acts.act,
+            params[10],
+            Some(params[11]),
+            self.dims.linear(n, ffn, d),
+        );
+        if ctx.train {
+            let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_MLP_RESID);
+            dropout_inplace(branch, self.dims.resid_pdrop, key, 0);
+        }
+        residual_forward(sized(&mut flow.hidden, n * d), &acts.x2, branch);
+    }
+}
+
+impl<T: Float> Layer<T> for Block<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        let Dims { d, ffn, .. } = self.dims;
+        let h = &self.name;
+        let p = |suffix: &str, shape: &[usize]| ParamSpec::new(format!("{h}.{suffix}"), shape);
+        vec![
+            p("ln_1.weight", &[d]),
+            p("ln_1.bias", &[d]),
+            p("attn.c_attn.weight", &[d, 3 * d]),
+            p("attn.c_attn.bias", &[3 * d]),
+            p("attn.c_proj.weight", &[d, d]),
+            p("attn.c_proj.bias", &[d]),
+            p("ln_2.weight", &[d]),
+            p("ln_2.bias", &[d]),
+            p("mlp.c_fc.weight", &[d, ffn]),
+            p("mlp.c_fc.bias", &[ffn]),
+            p("mlp.c_proj.weight", &[ffn, d]),
+            p("mlp.c_proj.bias", &[d]),
+        ]
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        if ctx.train && self.dims.attn_pdrop > 0.0 {
+            panic!("{}: {}", self.name, attn_pdrop_error(self.dims.attn_pdrop));
+        }
+        let scratch = Arc::clone(&self.scratch);
+        let mut guard = lock(&scratch);
+        let s = &mut *guard;
+        if ctx.train {
+            let mut acts = std::mem::take(&mut self.acts);
+            self.run_forward(&mut acts, &mut s.qkv, &mut s.branch, params, flow, ctx);
+            self.acts = acts;
+        } else {
+            self.run_forward(&mut s.eval, &mut s.qkv, &mut s.branch, params, flow, ctx);
+        }
+    }
+
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
+        let Dims { d, ffn, .. } = self.dims;
+        let n = ctx.batch.rows();
+        let spec = self.attn_spec(ctx.batch);
+        let a = &mut self.acts;
+        assert_eq!(
+            a.x.len(),
+            n * d,
+            "{}: backward without a training forward",
+            self.name
+        );
+        let g = &mut flow.hidden;
+        assert_eq!(g.len(), n * d, "{}: output gradient size", self.name);
+        let scratch = Arc::clone(&self.scratch);
+        let mut guard = lock(&scratch);
+        let s = &mut *guard;
+        let seed = ctx.dropout_seed;
+        let index = self.index as u64;
+
+        // MLP branch: out = x2 + drop(c_proj(act(c_fc(ln_2(x2))))).
+        let dbranch = sized(&mut s.dbranch, n * d);
+        dbranch.copy_from_slice(g);
+        let key = dropout_key(seed, index, SITE_MLP_RESID);
+        dropout_inplace(dbranch, self.dims.resid_pdrop, key, 0);
+        let dffn = sized(&mut s.dffn, n * ffn);
+        let (gw, gb) = pair(grads, 10);
+        linear_backward(
+            Some(&mut *dffn),
+            false,
+            Some(gw),
+            Some(gb),
+            dbranch,
+            &a.act,
+            params[10],
+            self.dims.linear(n, ffn, d),
+        );
+        // `act` is dead from here on: it receives the gradient of `fc`.
+        let mut dfc = std::mem::take(&mut a.act);
+        act_backward(self.dims.activation, &mut dfc, &a.fc, dffn);
+        let dd = sized(&mut s.dd, n * d);
+        let (gw, gb) = pair(grads, 8);
+        linear_backward(
+            Some(&mut *dd),
+            false,
+            Some(gw),
+            Some(gb),
+            &dfc,
+            &a.ln2,
+            params[8],
+            self.dims.linear(n, d, ffn),
+        );
+        let (gw, gb) = pair(grads, 6);
+        layernorm_backward(
+            g,
+            true,
+            Some(gw),
+            Some(gb),
+            dd,
+            &a.x2,
+            params[6],
+            &a.mean2,
+            &a.rstd2,
+            n,
+            d,
+        );
+
+        // Attention branch: x2 = x + drop(c_proj(attn(split(c_attn(ln_1(x)))))).
+        dbranch.copy_from_slice(g);
+        let key = dropout_key(seed, index, SITE_ATTN_RESID);
+        dropout_inplace(dbranch, self.dims.resid_pdrop, key, 0);
+        let (gw, gb) = pair(grads, 4);
+        linear_backward(
+            Some(&mut *dd),
+            false,
+            Some(gw),
+            Some(gb),
+            dbranch,
+            &a.att,
+            params[4],
+            self.dims.linear(n, d, d),
+        );
+        let (dq, dk, dv) = (
+            sized(&mut s.dq, n * d),
+            sized(&mut s.dk, n * d),
+            sized(&mut s.dv, n * d),
+        );
+        attention_backward(dq, dk, dv, dd, &a.q, &a.k, &a.v, &a.att, &a.lse, &spec)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        let dqkv = sized(&mut s.dqkv, n * 3 * d);
+        for (r, row) in dqkv.chunks_exact_mut(3 * d).enumerate() {
+            row[..d].copy_from_slice(&dq[r * d..(r + 1) * d]);
+            row[d..2 * d].copy_from_slice(&dk[r * d..(r + 1) * d]);
+            row[2 * d..].copy_from_slice(&dv[r * d..(r + 1) * d]);
+        }
+        let (gw, gb) = pair(grads, 2);
+        linear_backward(
+            Some(&mut *dd),
+            false,
+            Some(gw),
+            Some(gb),
+            dqkv,
+            &a.ln1,
+            params[2],
+            self.dims.linear(n, d, 3 * d),
+        );
+        let (gw, gb) = pair(grads, 0);
+        layernorm_backward(
+            g,
+            true,
+            Some(gw),
+            Some(gb),
+            dd,
+            &a.x,
+            params[0],
+            &a.mean1,
+            &a.rstd1,
+            n,
+            d,
+        );
+    }
+
+    fn clear(&mut self) {
+        self.acts = Acts::default();
+    }
+}
+
+/// `transformer.ln_f`, the LM head (tied to `wte` or its own `lm_head.weight`) and the loss.
+///
+/// The forward computes the loss only; the backward runs the fused head + cross-entropy kernel,
+/// recomputing the logits chunk by chunk. The protocol gives the loss gradient's scale
+/// (`ctx.grad_scale`) and the gradient buffers to backward only, and keeping the logits of every
+/// position between the two passes is what the chunked kernel exists to avoid.
+struct Head<T> {
+    dims: Dims,
+    tied: bool,
+    x: Vec<T>,
+    normed: Vec<T>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    dnormed: Vec<T>,
+    /// One chunk of f32 logits, reused across calls.
+    logits: Vec<f32>,
+}
+
+impl<T: Float> Layer<T> for Head<T> {
+    fn name(&self) -> &str {
+        "lm_head"
+    }
+
+    fn own_params(&self) -> Vec<ParamSpec> {
+        let d = self.dims.d;
+        let mut own = vec![
+            ParamSpec::new(LN_F_WEIGHT, &[d]),
+            ParamSpec::new(LN_F_BIAS, &[d]),
+        ];
+        if !self.tied {
+            own.push(ParamSpec::new(LM_HEAD, &[self.dims.vocab, d]));
+        }
+        own
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        if self.tied {
+            vec![WTE.to_string()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let Dims { d, vocab, eps, .. } = self.dims;
+        let n = ctx.batch.rows();
+        assert_eq!(flow.hidden.len(), n * d, "lm_head: input size");
+        assert_eq!(ctx.batch.labels.len(), n, "lm_head: labels length");
+        std::mem::swap(&mut self.x, &mut flow.hidden);
+        flow.hidden.clear();
+        layernorm_forward(
+            sized(&mut self.normed, n * d),
+            sized(&mut self.mean, n),
+            sized(&mut self.rstd, n),
+            &self.x,
+            params[0],
+            params[1],
+            n,
+            d,
+            eps,
+        );
+        let stats = lm_head_cross_entropy_loss(
+            &self.normed,
+            params[2],
+            &ctx.batch.labels,
+            n,
+            d,
+            vocab,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        flow.loss = Some(LossSum {
+            nll: stats.nll_sum,
+            tokens: stats.count,
+        });
+    }
+
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
+        let Dims { d, vocab, .. } = self.dims;
+        let n = ctx.batch.rows();
+        assert_eq!(self.x.len(), n * d, "lm_head: backward without a forward");
+        let (ln, head) = grads.split_at_mut(2);
+        lm_head_cross_entropy(
+            sized(&mut self.dnormed, n * d),
+            Some(&mut *head[0]),
+            &self.normed,
+            params[2],
+            &ctx.batch.labels,
+            n,
+            d,
+            vocab,
+            ctx.grad_scale,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        let (gw, gb) = pair(ln, 0);
+        layernorm_backward(
+            sized(&mut flow.hidden, n * d),
+            false,
+            Some(gw),
+            Some(gb),
+            &self.dnormed,
+            &self.x,
+            params[0],
+            &self.mean,
+            &self.rstd,
+            n,
+            d,
+        );
+    }
+
+    fn clear(&mut self) {
+        self.x = Vec::new();
+        self.normed = Vec::new();
+        self.mean = Vec::new();
+        self.rstd = Vec::new();
+        self.dnormed = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// A tiny GPT-2: vocab 11, n_embd 8, 2 heads, 2 layers, 8 positions, n_inner 16.
+    fn config(overrides: serde_json::Value) -> ModelConfig {
+        let mut json = serde_json::json!({
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": 11, "n_embd": 8, "n_head": 2, "n_layer": 2, "n_positions": 8,
+            "n_inner": 16, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0,
+        });
+        for (k, v) in overrides.as_object().expect("object") {
+            json[k] = v.clone();
+        }
+        ModelConfig::from_json_str("test config.json", &json.to_string()).unwrap()
+    }
+
+    /// Weights large enough that attention, GELU and LayerNorm are far from linear.
+    fn random_model(cfg: &ModelConfig, seed: u64) -> Model<f32> {
+        let mut model = build::<f32>(cfg).unwrap();
+        let mut rng = NormalRng::new(seed, "test");
+        for slot in model.layout.slots().to_vec() {
+            let norm_weight = slot.spec.name.contains(".ln_") && slot.spec.name.ends_with("weight");
+            for v in &mut model.params[slot.range()] {
+                let r = rng.next() as f32;
+                *v = if norm_weight { 1.0 + 0.2 * r } else { 0.4 * r };
+            }
+        }
+        model
+    }
+
+    fn batch() -> Batch {
+        let ids: Vec<u32> = (0..14).map(|i| (i * 7 + 3) % 11).collect();
+        let mut labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        labels[0] = -100;
+        labels[12] = -100;
+        Batch::from_hf_labels(2, 7, ids, &labels)
+    }
+
+    fn mean_loss(model: &mut Model<f32>, batch: &Batch, seed: u64) -> f64 {
+        model.forward(batch, true, seed).mean()
+    }
+
+    fn check_fd(cfg: &ModelConfig) {
+        let mut model = random_model(cfg, 1);
+        let batch = batch();
+        let seed = 99;
+        let loss = model.forward(&batch, true, seed);
+        let mut grads = vec![0f32; model.params.len()];
+        model.backward(&mut grads, &batch, 1.0 / loss.tokens as f32, seed);
+        let eps = 1e-2f32;
+        for slot in model.layout.slots().to_vec() {
+            let range = slot.range();
+            let analytic = &grads[range.clone()];
+            let mut numeric = Vec::with_capacity(range.len());
+            for i in range.clone() {
+                let orig = model.params[i];
+                model.params[i] = orig + eps;
+                let plus = mean_loss(&mut model, &batch, seed);
+                model.params[i] = orig - eps;
+                let minus = mean_loss(&mut model, &batch, seed);
+                model.params[i] = orig;
+                numeric.push((plus - minus) / (2.0 * eps as f64));
+            }
+            let scale = numeric.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            for (j, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
+                let err = (*a as f64 - n).abs() / scale;
+                assert!(
+                    err < 2e-2,
+                    "{}[{j}]: analytic {a} vs numeric {n} (error {err:.1e} of max {scale:.1e})",
+                    slot.spec.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn finite_differences_tied_gelu_new_with_dropout() {
+        check_fd(&config(
+            serde_json::json!({"embd_pdrop": 0.1, "resid_pdrop": 0.2}),
+        ));
+    }
+
+    #[test]
+    fn finite_differences_untied_exact_gelu() {
+        check_fd(&config(serde_json::json!({
+            "tie_word_embeddings": false, "activation_function": "gelu", "n_layer": 1,
+        })));
+    }
+
+    #[test]
+    fn parameters_are_named_shaped_and_ordered_as_transformers() {
+        for tied in [true, false] {
+            let cfg = config(serde_json::json!({"tie_word_embeddings": tied}));
+            let model = build::<f32>(&cfg).unwrap();
+            let ours: Vec<(String, Vec<usize>)> = model
+                .layout
+                .slots()
+                .iter()
+                .map(|s| (s.spec.name.clone(), s.spec.shape.clone()))
+                .collect();
+            assert_eq!(ours, cfg.param_shapes(), "tied = {tied}");
+        }
+    }
+
+    #[test]
+    fn gradients_accumulate_across_backward_calls() {
+        let cfg = config(serde_json::json!({}));
+        let mut model = random_model(&cfg, 2);
+        let batch = batch();
+        let mut once = vec![0f32; model.params.len()];
+        model.forward(&batch, true, 0);
+        model.backward(&mut once, &batch, 0.1, 0);
+        let mut twice = vec![0f32; model.params.len()];
+        for _ in 0..2 {
+            model.forward(&batch, true, 0);
+            model.backward(&mut twice, &batch, 0.1, 0);
+        }
+        for (a, b) in once.iter().zip(&twice) {
+            assert!((2.0 * a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} {b}");
+        }
+        assert!(once.iter().any(|&g| g != 0.0));
+    }
+
+    #[test]
+    fn logits_agree_with_the_loss() {
+        let cfg = config(serde_json::json!({"tie_word_embeddings": false}));
+        let mut model = random_model(&cfg, 3);
+        let batch = batch();
+        let rows: Vec<usize> = (0..batch.rows()).collect();
+        let logits = logits(&mut model, &cfg, &batch, &rows);
+        let v = cfg.vocab_size;
+        let (mut nll, mut count) = (0f64, 0);
+        for (r, &label) in batch.labels.iter().enumerate() {
+            if label < 0 {
+                continue;
+            }
+            let row = &logits[r * v..(r + 1) * v];
+            let max = row.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[label as usize] as f64;
+            count += 1;
+        }
+        let loss = model.forward(&batch, false, 0);
+        assert_eq!(loss.tokens, count);
+        assert!((loss.nll - nll).abs() < 1e-4 * nll, "{} vs {nll}", loss.nll);
+    }
+
+    #[test]
+    fn bf16_forward_is_close_to_f32() {
+        let cfg = config(serde_json::json!({}));
+        let mut model = random_model(&cfg, 4);
+        let mut half = build::<bf16>(&cfg).unwrap();
+        for (h, f) in half.params.iter_mut().zip(&model.params) {
+            *h = bf16::from_f32(*f);
+        }
+        // Same (bf16-rounded) weights in both, so only activation rounding differs.
+        for (f, h) in model.params.iter_mut().zip(&half.params) {
+            *f = h.to_f32();
+        }
+        let batch = batch();
+        let want = model.forward(&batch, false, 0).mean();
+        let got = half.forward(&batch, false, 0).mean();
+        // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per op, a few dozen ops deep).
+        assert!((got - want).abs() < 2e-2 * want, "bf16 {got} vs f32 {want}");
+        let rows: Vec<usize> = (0..batch.rows()).collect();
+        let lf = logits(&mut model, &cfg, &batch, &rows);
+        let lh = logits(&mut half, &cfg, &batch, &rows);
+        let scale = lf.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in lf.iter().zip(&lh) {
+            assert!(
+                (a - b).abs() < 3e-2 * scale,
+                "logit {b} vs {a} (max {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_zero_dropout_is_exact() {
+        let batch = batch();
+        let plain = config(serde_json::json!({}));
+        let mut model = random_model(&plain, 5);
+        let eval = model.forward(&batch, false, 0);
+        // No dropout: training and evaluation forwards are bitwise equal, whatever the seed.
+        assert_eq!(model.forward(&batch, true, 1), eval);
+        assert_eq!(model.forward(&batch, true, 2), eval);
+
+        let dropping = config(serde_json::json!({"embd_pdrop": 0.1, "resid_pdrop": 0.3}));
+        let mut model2 = build::<f32>(&dropping).unwrap();
+        model2.params.copy_from_slice(&model.params);
+        // Evaluation never drops.
+        assert_eq!(model2.forward(&batch, false, 7), eval);
+        let a = model2.forward(&batch, true, 7);
+        let b = model2.forward(&batch, true, 7);
+        let c = model2.forward(&batch, true, 8);
+        assert_eq!(a, b);
+        assert_ne!(a.nll, eval.nll);
+        assert_ne!(a.nll, c.nll);
+    }
+
+    #[test]
+    #[should_panic(expected = "not supported yet: attn_pdrop = 0.1 (set it to 0.0 in config.json)")]
+    fn attention_dropout_is_refused_in_training() {
+        let cfg = config(serde_json::json!({"attn_pdrop": 0.1}));
+        let err = check_trainable(&cfg).unwrap_err().to_string();
+        assert!(err.contains("attn_pdrop = 0.1"), "{err}");
+        let mut model = random_model(&cfg, 6);
+        let batch = batch();
+        // Evaluation is fine.
+        model.forward(&batch, false, 0);
+        model.forward(&batch, true, 0);
+    }
+
+    #[test]
+    fn other_architectures_are_refused() {
+        let json = r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 11, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2}"#;
+        let cfg = ModelConfig::from_json_str("llama config.json", json).unwrap();
+        let err = build::<f32>(&cfg).err().expect("refused").to_string();
+        assert!(err.contains("LlamaForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn init_weights_follows_hf_and_is_seeded() {
+        let cfg = config(serde_json::json!({
+            "n_embd": 64, "n_inner": 256, "vocab_size": 200, "n_positions": 32, "n_layer": 2,
+        }));
+        let mut model = build::<f32>(&cfg).unwrap();
+        init_weights(&mut model, &cfg, 42);
+        let std = |name: &str| {
+            let v = model.param(name).unwrap();
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+            assert!(mean.abs() < 0.005, "{name}: mean {mean}");
+            (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let close = |got: f64, want: f64, name: &str| {
+            assert!(
+                (got - want).abs() < 0.05 * want,
+                "{name}: std {got}, want {want}"
+            );
+        };
+        for name in [
+            WTE,
+            WPE,
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.mlp.c_fc.weight",
+        ] {
+            close(std(name), 0.02, name);
+        }
+        for name in [
+            "transformer.h.0.attn.c_proj.weight",
+            "transformer.h.1.mlp.c_proj.weight",
+        ] {
+            close(std(name), 0.01, name); // 0.02 / sqrt(2 * 2)
+        }
+        assert!(model
+            .param("transformer.h.0.ln_1.weight")
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+        assert!(model.param(LN_F_BIAS).unwrap().iter().all(|&x| x == 0.0));
+        assert!(model
+            .param("transformer.h.1.mlp.c_fc.bias")
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0.0));
+        let first = model.params.clone();
+        init_weights(&mut model, &cfg, 42);
+        assert_eq!(model.params, first);
+        init_weights(&mut model, &cfg, 43);
+        assert_ne!(model.params, first);
+        // Distinct parameters get distinct streams.
+        assert_ne!(
+            model.param("transformer.h.0.attn.c_proj.weight").unwrap()[..8],
+            model.param("transformer.h.1.attn.c_proj.weight").unwrap()[..8]
+        );
+    }
+
+    #[test]
+    fn name_rules_ignore_buffers_and_tied_head() {
+        let tied = name_rules(&config(serde_json::json!({})));
+        assert!(tied.ignore.contains(&".attn.bias".to_string()));
+        assert!(tied.ignore.contains(&LM_HEAD.to_string()));
+        let untied = name_rules(&config(serde_json::json!({"tie_word_embeddings": false})));
+        assert!(!untied.ignore.contains(&LM_HEAD.to_string()));
+        assert_eq!(untied.optional_prefix.as_deref(), Some("transformer."));
+    }
+}
