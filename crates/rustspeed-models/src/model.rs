@@ -1,0 +1,83 @@
+//! A model: its layers, the layout of their parameters, and the flat parameter buffer.
+//! `forward`/`backward` run the layers in order for the simple single-process case; the engine
+//! drives the layers itself when it partitions or recomputes them.
+
+use rustspeed_kernels::Float;
+
+use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::params::{LayoutError, ParamLayout};
+
+pub struct Model<T: Float> {
+    pub layers: Vec<Box<dyn Layer<T>>>,
+    pub layout: ParamLayout,
+    /// Every parameter, layer after layer (see [`ParamLayout`]).
+    pub params: Vec<T>,
+}
+
+impl<T: Float> Model<T> {
+    /// Lays out the layers' parameters in one zeroed buffer.
+    pub fn new(layers: Vec<Box<dyn Layer<T>>>) -> Result<Self, LayoutError> {
+        let own: Vec<_> = layers.iter().map(|l| l.own_params()).collect();
+        let tied: Vec<_> = layers.iter().map(|l| l.tied_params()).collect();
+        let layout = ParamLayout::new(&own, &tied)?;
+        let params = vec![T::default(); layout.numel()];
+        Ok(Model {
+            layers,
+            layout,
+            params,
+        })
+    }
+
+    /// The named parameter's values.
+    pub fn param(&self, name: &str) -> Option<&[T]> {
+        self.layout.get(name).map(|s| &self.params[s.range()])
+    }
+
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut [T]> {
+        let range = self.layout.get(name)?.range();
+        Some(&mut self.params[range])
+    }
+
+    /// Runs every layer forward and returns the loss the head reports.
+    pub fn forward(&mut self, batch: &Batch, train: bool, dropout_seed: u64) -> LossSum {
+        let ctx = Ctx {
+            batch,
+            train,
+            dropout_seed,
+            grad_scale: 1.0,
+        };
+        let mut flow = Flow::default();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let views = self.layout.layer_views(i, &self.params);
+            layer.forward(&views, &mut flow, &ctx);
+        }
+        flow.loss
+            .expect("the last layer of a model must report a loss (an LM head)")
+    }
+
+    /// Runs every layer backward after `forward(.., train = true, ..)`, accumulating parameter
+    /// gradients into `grads` (one f32 per parameter, same layout as `params`). The loss
+    /// gradient starts from `grad_scale` per summed token loss (e.g. 1 / counted tokens).
+    pub fn backward(
+        &mut self,
+        grads: &mut [f32],
+        batch: &Batch,
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) {
+        assert_eq!(grads.len(), self.params.len(), "gradient buffer size");
+        let ctx = Ctx {
+            batch,
+            train: true,
+            dropout_seed,
+            grad_scale,
+        };
+        let mut flow = Flow::default();
+        for i in (0..self.layers.len()).rev() {
+            let views = self.layout.layer_views(i, &self.params);
+            let mut gviews = self.layout.layer_views_mut(i, grads);
+            self.layers[i].backward(&views, &mut gviews, &mut flow, &ctx);
+            self.layers[i].clear();
+        }
+    }
+}
