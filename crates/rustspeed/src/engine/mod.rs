@@ -1,0 +1,501 @@
+//! The single-process training engine, in the spirit of `deepspeed.initialize`.
+//!
+//! ```text
+//! let mut engine = Engine::initialize(model, &config, EngineOptions::default())?;
+//! for batch in data {               // or: engine.train_batch(&mut data)?
+//!     let loss = engine.forward(&batch)?;
+//!     engine.backward()?;
+//!     engine.step()?;               // acts at the gradient-accumulation boundary only
+//! }
+//! ```
+//!
+//! Order of events at a boundary, as DeepSpeed's ZeRO 1/2 optimizer: global gradient norm of
+//! the (loss-scaled) fp32 gradients; if it is not finite and the precision checks overflow,
+//! the step is skipped (`skipped_steps` and `global_steps` advance, the loss scaler updates,
+//! the scheduler does not); otherwise the clip coefficient, one fused optimizer pass per
+//! segment reading `grad / (loss_scale * clip)` and rewriting the 16-bit weights, the loss
+//! scaler update, the scheduler step. Gradients are zeroed in both cases.
+//!
+//! Buffers are laid out for ZeRO: the fp32 gradient, master and optimizer buffers cover the
+//! trainable parameters' flat layout ([`FlatLayout`]), and the optimizer steps the partition
+//! `[lo, hi)` (everything with one process).
+
+mod grads;
+mod resume;
+mod schedule;
+
+use std::ops::Range;
+
+use rustspeed_config::{DsConfig, Precision};
+use rustspeed_kernels::optim::{clip_coefficient, grad_norm};
+use rustspeed_kernels::Float;
+use rustspeed_models::{Batch, Ctx, Flow, Model};
+
+use crate::checkpoint::CheckpointError;
+use crate::loss_scaler::{LossScaleError, LossScaler};
+use crate::lr_schedule::{LrScheduleError, LrScheduler};
+use crate::memory::{self, MemorySetup, ModelStateBytes};
+use crate::optimizer::{
+    DecayRule, FlatLayout, OptimizerError, OptimizerSpec, OptimizerState, StepHyper,
+};
+use crate::precision::{self, PrecisionError};
+
+pub use schedule::schedule_params;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
+    #[error(transparent)]
+    Optimizer(#[from] OptimizerError),
+    #[error("scheduler: {0}")]
+    Schedule(#[from] LrScheduleError),
+    #[error(transparent)]
+    LossScale(#[from] LossScaleError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("model parameters are {0}; the engine trains f32, bf16 or f16 parameters")]
+    UnsupportedDtype(&'static str),
+    #[error("the data-parallel world size is {0}; this engine runs one process (world size 1)")]
+    WorldSize(u64),
+    #[error("the last layer `{layer}` reported no loss after forward; a model must end with a layer that sets `flow.loss` (an LM head)")]
+    NoLoss { layer: String },
+    #[error("backward() was called without a forward() before it")]
+    BackwardWithoutForward,
+    #[error("train_batch needs gradient_accumulation_steps = {gas} micro-batches per step, but the data ended after {got}")]
+    DataExhausted { gas: u64, got: u64 },
+    #[error("train_batch must start at a gradient-accumulation boundary, but {pending} of {gas} micro-batches of the current step were already run with forward/backward/step")]
+    MidAccumulation { pending: u64, gas: u64 },
+}
+
+/// Choices that are not in the DeepSpeed config.
+#[derive(Debug)]
+pub struct EngineOptions {
+    /// Which trainable parameters get weight decay (HF Trainer's rule by default).
+    pub decay_rule: DecayRule,
+    /// Base seed of the dropout masks; micro-step `k` uses a seed derived from it and `k`.
+    pub seed: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            decay_rule: DecayRule::HfTrainer,
+            seed: 42,
+        }
+    }
+}
+
+/// What one optimizer step (at a boundary) did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// `global_steps` after this step.
+    pub global_step: u64,
+    /// Skipped because the gradients overflowed.
+    pub skipped: bool,
+    /// Global L2 norm of the unscaled gradients before clipping (not finite when skipped).
+    pub grad_norm: f64,
+    /// The clip coefficient applied (DeepSpeed's `clip >= 1`, 1 when not clipped).
+    pub clip_coef: f64,
+    /// Group 0's lr this step used.
+    pub lr: f64,
+    /// The loss scale the gradients carried.
+    pub loss_scale: f64,
+}
+
+/// [`Engine::train_batch`]'s result.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Mean of the micro-batch losses.
+    pub loss: f32,
+    pub step: StepOutcome,
+}
+
+/// What forward kept for backward.
+struct Pending {
+    batch: Batch,
+    dropout_seed: u64,
+    tokens: usize,
+}
+
+pub struct Engine<T: Float> {
+    model: Model<T>,
+    config: DsConfig,
+    flat: FlatLayout,
+    /// fp32 gradients over the flat trainable layout (stage 0: all of it), loss-scaled.
+    grads: Vec<f32>,
+    /// fp32 master weights of the partition; empty with f32 compute (the model's are master).
+    master: Vec<f32>,
+    optimizer: OptimizerState,
+    scheduler: Option<LrScheduler>,
+    scaler: LossScaler,
+    check_overflow: bool,
+    gas: u64,
+    clipping: f64,
+    micro_steps: u64,
+    global_steps: u64,
+    skipped_steps: u64,
+    global_samples: u64,
+    seed: u64,
+    pending: Option<Pending>,
+    last_grad_norm: Option<f64>,
+}
+
+/// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
+/// the same masks again when a run resumes at that micro-step.
+fn dropout_seed(seed: u64, micro_step: u64) -> u64 {
+    let mut z = seed ^ micro_step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl<T: Float> Engine<T> {
+    /// Builds the engine: checks the model's dtype against the config's precision, lays out
+    /// the trainable parameters, allocates gradients, master weights and optimizer state,
+    /// builds the scheduler (which already sets the first step's lr) and the loss scaler.
+    pub fn initialize(
+        model: Model<T>,
+        config: &DsConfig,
+        options: EngineOptions,
+    ) -> Result<Engine<T>, EngineError> {
+        if !precision::is_supported::<T>() {
+            return Err(EngineError::UnsupportedDtype(std::any::type_name::<T>()));
+        }
+        precision::check_dtype(config.precision, T::DTYPE)?;
+        let world = config.batch.world_size.value;
+        if world != 1 {
+            return Err(EngineError::WorldSize(world));
+        }
+        if config.zero_stage() > 0 {
+            tracing::warn!(
+                "ZeRO stage {} partitions nothing with one process; the single-process engine keeps every state whole (stage 0)",
+                config.zero_stage()
+            );
+        }
+        let spec = OptimizerSpec::from_config(config.optimizer.as_ref())?;
+        let flat = FlatLayout::new(&model.layout, &options.decay_rule);
+        let partition: Range<usize> = 0..flat.numel;
+        let master = if config.precision == Precision::Fp32 {
+            Vec::new()
+        } else {
+            let mut m = vec![0.0f32; partition.len()];
+            for p in &flat.params {
+                let lo = p.flat.start.max(partition.start);
+                let hi = p.flat.end.min(partition.end);
+                for i in lo..hi {
+                    m[i - partition.start] =
+                        model.params[p.model_offset + (i - p.flat.start)].to_f32();
+                }
+            }
+            m
+        };
+        let has_betas = spec.has_betas();
+        let optimizer = OptimizerState::new(spec, partition);
+        let base_lrs: Vec<f64> = optimizer.groups.iter().map(|g| g.lr).collect();
+        let scheduler = match &config.scheduler {
+            Some(s) => Some(schedule::build(s, &base_lrs, has_betas)?),
+            None => None,
+        };
+        let engine = Engine {
+            grads: vec![0.0; flat.numel],
+            master,
+            optimizer,
+            scheduler,
+            scaler: precision::loss_scaler(config)?,
+            check_overflow: precision::checks_overflow(config),
+            gas: config.gradient_accumulation_steps(),
+            clipping: config.gradient_clipping,
+            micro_steps: 0,
+            global_steps: 0,
+            skipped_steps: 0,
+            global_samples: 0,
+            seed: options.seed,
+            pending: None,
+            last_grad_norm: None,
+            flat,
+            model,
+            config: config.clone(),
+        };
+        let bytes = engine.model_state_bytes();
+        tracing::info!(
+            "model states: {} params ({} trainable), {} bytes = weights {} + grads {} + fp32 master {} + optimizer {} ({})",
+            engine.model.layout.numel(),
+            engine.flat.numel,
+            bytes.total,
+            bytes.weights,
+            bytes.grads,
+            bytes.master,
+            bytes.optimizer,
+            engine.optimizer.spec.name()
+        );
+        Ok(engine)
+    }
+
+    /// Runs the model forward on one micro-batch (training mode) and returns the mean NLL over
+    /// its label tokens (0 when it has none).
+    pub fn forward(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        let seed = dropout_seed(self.seed, self.micro_steps);
+        let ctx = Ctx {
+            batch,
+            train: true,
+            dropout_seed: seed,
+            grad_scale: 1.0,
+        };
+        let model = &mut self.model;
+        let mut flow = Flow::default();
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let views = model.layout.layer_views(i, &model.params);
+            layer.forward(&views, &mut flow, &ctx);
+        }
+        let loss = flow.loss.ok_or_else(|| EngineError::NoLoss {
+            layer: model
+                .layers
+                .last()
+                .map(|l| l.name().to_string())
+                .unwrap_or_default(),
+        })?;
+        self.pending = Some(Pending {
+            batch: batch.clone(),
+            dropout_seed: seed,
+            tokens: loss.tokens,
+        });
+        Ok(loss.mean() as f32)
+    }
+
+    /// Backward of the last forward: the loss gradient starts at
+    /// `loss_scale / (label_tokens * gradient_accumulation_steps)`, so the accumulated
+    /// gradient is that of the mean of the micro-batch means, scaled by the loss scale.
+    pub fn backward(&mut self) -> Result<(), EngineError> {
+        let pending = self
+            .pending
+            .take()
+            .ok_or(EngineError::BackwardWithoutForward)?;
+        let grad_scale = if pending.tokens == 0 {
+            0.0
+        } else {
+            (self.scaler.loss_scale() / (pending.tokens as f64 * self.gas as f64)) as f32
+        };
+        let ctx = Ctx {
+            batch: &pending.batch,
+            train: true,
+            dropout_seed: pending.dropout_seed,
+            grad_scale,
+        };
+        grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx);
+        Ok(())
+    }
+
+    /// DeepSpeed's rule: the micro-step that completes `gradient_accumulation_steps`.
+    pub fn is_gradient_accumulation_boundary(&self) -> bool {
+        (self.micro_steps + 1) % self.gas == 0
+    }
+
+    /// Call after every backward; steps the optimizer at the accumulation boundary only
+    /// (returns what it did then, `None` otherwise).
+    pub fn step(&mut self) -> Result<Option<StepOutcome>, EngineError> {
+        let outcome = if self.is_gradient_accumulation_boundary() {
+            Some(self.take_model_step()?)
+        } else {
+            None
+        };
+        self.micro_steps += 1;
+        Ok(outcome)
+    }
+
+    fn take_model_step(&mut self) -> Result<StepOutcome, EngineError> {
+        let part = self.optimizer.partition.clone();
+        let loss_scale = self.scaler.loss_scale();
+        let lr = self.lr();
+        let norm = grad_norm(&self.grads[part]);
+        let overflow = self.check_overflow && !norm.is_finite();
+        let grad_norm = norm.norm() / loss_scale;
+        self.last_grad_norm = Some(grad_norm);
+        let mut clip_coef = 1.0;
+        if overflow {
+            self.scaler.update_scale(true)?;
+            self.skipped_steps += 1;
+            tracing::warn!(
+                "step {}: gradient overflow (norm {grad_norm}) at loss scale {loss_scale}; skipping the step, loss scale now {} ({} skipped so far); the LR scheduler does not advance",
+                self.global_steps + 1,
+                self.scaler.loss_scale(),
+                self.skipped_steps
+            );
+        } else {
+            clip_coef = clip_coefficient(norm.norm(), loss_scale, self.clipping);
+            let grad_scale = (1.0 / (loss_scale * clip_coef)) as f32;
+            let hyper = self.step_hyper();
+            let weights = precision::weights_view(&mut self.model.params, &mut self.master);
+            self.optimizer
+                .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
+            self.scaler.update_scale(false)?;
+            if let Some(s) = &mut self.scheduler {
+                s.step();
+            }
+        }
+        self.grads.fill(0.0);
+        self.global_steps += 1;
+        self.global_samples += self.config.train_batch_size();
+        if let Some(every) = self.config.steps_per_print.filter(|&n| n > 0) {
+            if self.global_steps % every == 0 {
+                tracing::info!(
+                    "step={}, skipped={}, lr={:?}, grad_norm={grad_norm}, loss_scale={loss_scale}",
+                    self.global_steps,
+                    self.skipped_steps,
+                    self.lrs()
+                );
+            }
+        }
+        Ok(StepOutcome {
+            global_step: self.global_steps,
+            skipped: overflow,
+            grad_norm,
+            clip_coef,
+            lr,
+            loss_scale,
+        })
+    }
+
+    fn step_hyper(&self) -> StepHyper {
+        StepHyper {
+            lrs: self.lrs(),
+            betas: self.scheduler.as_ref().and_then(|s| s.momentum()),
+        }
+    }
+
+    /// Runs `gradient_accumulation_steps` micro-batches from `data` and the optimizer step.
+    pub fn train_batch<I>(&mut self, data: &mut I) -> Result<StepReport, EngineError>
+    where
+        I: Iterator<Item = Batch>,
+    {
+        let pending = self.micro_steps % self.gas;
+        if pending != 0 {
+            return Err(EngineError::MidAccumulation {
+                pending,
+                gas: self.gas,
+            });
+        }
+        let mut sum = 0.0f64;
+        for got in 0..self.gas {
+            let batch = data
+                .next()
+                .ok_or(EngineError::DataExhausted { gas: self.gas, got })?;
+            sum += self.forward(&batch)? as f64;
+            self.backward()?;
+            if let Some(step) = self.step()? {
+                return Ok(StepReport {
+                    loss: (sum / self.gas as f64) as f32,
+                    step,
+                });
+            }
+        }
+        unreachable!("the gas-th micro-step is a boundary")
+    }
+
+    pub fn global_steps(&self) -> u64 {
+        self.global_steps
+    }
+
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    pub fn global_samples(&self) -> u64 {
+        self.global_samples
+    }
+
+    pub fn micro_steps(&self) -> u64 {
+        self.micro_steps
+    }
+
+    /// Group 0's lr for the next step.
+    pub fn lr(&self) -> f64 {
+        self.lrs()[0]
+    }
+
+    /// Every group's lr for the next step (the scheduler's, else the optimizer's).
+    pub fn lrs(&self) -> Vec<f64> {
+        match &self.scheduler {
+            Some(s) => s.lr(),
+            None => self.optimizer.groups.iter().map(|g| g.lr).collect(),
+        }
+    }
+
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.loss_scale()
+    }
+
+    pub fn loss_scaler(&self) -> &LossScaler {
+        &self.scaler
+    }
+
+    /// The unscaled pre-clip gradient norm of the last boundary step.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
+    }
+
+    pub fn model(&self) -> &Model<T> {
+        &self.model
+    }
+
+    pub fn config(&self) -> &DsConfig {
+        &self.config
+    }
+
+    pub fn flat_layout(&self) -> &FlatLayout {
+        &self.flat
+    }
+
+    pub fn optimizer(&self) -> &OptimizerState {
+        &self.optimizer
+    }
+
+    /// The accumulated (loss-scaled) fp32 gradients in flat coordinates.
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// fp32 master weights of the partition (empty in fp32 mode: the model's are the master).
+    pub fn master_weights(&self) -> &[f32] {
+        &self.master
+    }
+
+    /// Bytes this engine holds for model states, counted from its allocations.
+    pub fn model_state_bytes(&self) -> ModelStateBytes {
+        let weights = (self.model.params.len() * std::mem::size_of::<T>()) as u64;
+        let grads = 4 * self.grads.len() as u64;
+        let master = 4 * self.master.len() as u64;
+        let optimizer = self.optimizer.state_bytes();
+        ModelStateBytes {
+            weights,
+            grads,
+            master,
+            optimizer,
+            total: weights + grads + master + optimizer,
+        }
+    }
+
+    /// `rustspeed::memory`'s stage-0 figure for this model and config (what
+    /// [`Engine::model_state_bytes`] must equal).
+    pub fn expected_model_state_bytes(&self) -> Result<ModelStateBytes, memory::MemoryError> {
+        let (mut trainable, mut frozen) = (Vec::new(), Vec::new());
+        for s in self.model.layout.slots() {
+            let n = s.spec.numel() as u64;
+            if s.spec.trainable {
+                trainable.push(n)
+            } else {
+                frozen.push(n)
+            }
+        }
+        memory::model_state_bytes(
+            &trainable,
+            &frozen,
+            &MemorySetup {
+                world_size: 1,
+                stage: 0,
+                compute_dtype: T::DTYPE,
+                optimizer_states: self.optimizer.spec.memory_kind().fp32_states_per_param(),
+            },
+        )
+    }
+}
