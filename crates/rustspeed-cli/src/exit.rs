@@ -12,6 +12,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         cause.is::<UsageError>()
             || cause.is::<rustspeed_config::ConfigError>()
             || cause.is::<rustspeed_models::hf_config::HfConfigError>()
+            || cause.is::<crate::commands::eval::DataError>()
     });
     if user_error {
         2

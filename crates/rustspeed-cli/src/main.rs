@@ -28,6 +28,8 @@ enum Command {
     Config(ConfigCommand),
     /// DeepSpeed's ZeRO memory estimators, plus rustspeed's own per-rank model-state bytes.
     Estimate(commands::estimate::Args),
+    /// Causal-LM loss and perplexity of a model (HF directory or .gguf) on a text file.
+    Eval(commands::eval::Args),
 }
 
 #[derive(Subcommand)]
@@ -42,6 +44,7 @@ fn main() {
     let result = match cli.command {
         Command::Config(ConfigCommand::Check(args)) => commands::config_check::run(args),
         Command::Estimate(args) => commands::estimate::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     if let Err(err) = result {
         std::process::exit(exit::report(&err));
