@@ -6,6 +6,15 @@
 //! recomputes probabilities from it. Storage is any [`Float`]; everything is accumulated in f32
 //! and the gradients are written in the storage type, like the activations they belong to.
 //!
+//! Dropout on the probabilities (FlashAttention-2's): the running max, sum and saved logsumexp
+//! are those of the undropped scores, and the output accumulates `dropout(P) V`, where element
+//! `(b, h, i, j)` is kept iff [`DropoutMask::keep`] of index `((b * H + h) * T + i) * T + j`
+//! (a counter-based hash of the key and that index) and kept values are scaled by `1 / (1 - p)`.
+//! The backward regenerates the same mask from the key, so nothing of size `T x T` is stored.
+//! With `Z` the mask times the scale: dV += (Z * P)^T dO, dS = P * (Z * dO V^T - D_i), where
+//! `D_i = dO_i . O_i` of the (dropped) output equals `sum_j P_ij Z_ij (dO V^T)_ij` as it must.
+//! Without dropout (`None`, or `p = 0`) the code path is exactly the dropout-free one.
+//!
 //! Masking: query `i` sees key `j` iff `j <= i` and, with a window `W`, `j > i - W`, so a row sees
 //! at most `W` keys including itself. This is transformers' `sliding_window_overlay`
 //! (`kv_idx > q_idx - sliding_window`, masking_utils.py) AND-ed with the causal mask, the
@@ -17,6 +26,7 @@
 //! of this split is that the backward recomputes `QK^T` and `dO V^T` in both passes (7 tile
 //! products instead of FlashAttention-2's 5), in exchange for no atomics and no unsafe code.
 
+use crate::dropout::DropoutMask;
 use crate::dtype::Float;
 use rayon::prelude::*;
 
@@ -56,6 +66,9 @@ pub struct AttnSpec {
     pub scale: f32,
     /// Sliding window `W` (see the module docs); `None` is plain causal attention.
     pub window: Option<usize>,
+    /// Dropout on the attention probabilities: `(p, key)`, the key as from
+    /// [`crate::dropout::dropout_key`]. `None` (or `p = 0`) never drops.
+    pub dropout: Option<(f32, u64)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -69,6 +82,8 @@ pub enum AttentionError {
     HeadDim,
     #[error("attention: sliding_window must be >= 1, got 0")]
     ZeroWindow,
+    #[error("attention: dropout probability must be in [0, 1), got {p}")]
+    DropoutProbability { p: f32 },
     #[error("attention: {what} has {got} elements, expected {expected}")]
     Shape {
         what: &'static str,
@@ -87,6 +102,7 @@ impl AttnSpec {
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: None,
+            dropout: None,
         }
     }
 
@@ -96,6 +112,13 @@ impl AttnSpec {
 
     pub fn with_scale(self, scale: f32) -> Self {
         AttnSpec { scale, ..self }
+    }
+
+    /// Drops attention probabilities with probability `p`, masks drawn from `key`; `p = 0`
+    /// stores `None`, so that it runs the dropout-free path.
+    pub fn with_dropout(self, p: f32, key: u64) -> Self {
+        let dropout = (p != 0.0).then_some((p, key));
+        AttnSpec { dropout, ..self }
     }
 
     /// Elements of q / out / dq.
@@ -126,7 +149,23 @@ impl AttnSpec {
         if self.window == Some(0) {
             return Err(AttentionError::ZeroWindow);
         }
+        if let Some((p, _)) = self.dropout {
+            if !(0.0..1.0).contains(&p) {
+                return Err(AttentionError::DropoutProbability { p });
+            }
+        }
         Ok(())
+    }
+
+    /// The dropout of head `h` of sequence `b`, if any; `p = 0` counts as none.
+    #[inline]
+    fn head_dropout(&self, b: usize, h: usize) -> Option<HeadDropout> {
+        let (p, key) = self.dropout.filter(|(p, _)| *p != 0.0)?;
+        Some(HeadDropout {
+            mask: DropoutMask::new(p, key),
+            row0: (b * self.heads + h) * self.seq,
+            seq: self.seq,
+        })
     }
 
     /// First key visible from query `i`.
@@ -149,6 +188,42 @@ impl AttnSpec {
 
     fn group(&self) -> usize {
         self.heads / self.kv_heads
+    }
+}
+
+/// The probability dropout of one (sequence, head): element `(i, j)` has mask index
+/// `(row0 + i) * T + j`, `row0 = (b * H + h) * T`.
+#[derive(Clone, Copy)]
+struct HeadDropout {
+    mask: DropoutMask,
+    row0: usize,
+    seq: usize,
+}
+
+impl HeadDropout {
+    /// Mask index of element `(i, j)`.
+    #[inline(always)]
+    fn index(&self, i: usize, j: usize) -> usize {
+        (self.row0 + i) * self.seq + j
+    }
+
+    /// `1 / (1 - p)` if element `index` is kept, else 0.
+    #[inline(always)]
+    fn factor(&self, index: usize) -> f32 {
+        if self.mask.keep(index) {
+            self.mask.scale()
+        } else {
+            0.0
+        }
+    }
+
+    /// Applies the factors of row `i`, keys `j0..j0 + row.len()`.
+    #[inline(always)]
+    fn apply_row(&self, row: &mut [f32], i: usize, j0: usize) {
+        let first = self.index(i, j0);
+        for (c, x) in row.iter_mut().enumerate() {
+            *x *= self.factor(first + c);
+        }
     }
 }
 
@@ -489,6 +564,7 @@ fn forward_tile<T: Float>(
     let mut l = vec![0.0f32; nq];
     for h in 0..h_n {
         let kvh = h / spec.group();
+        let drop = spec.head_dropout(rows.b, h);
         // Folding the scale into q saves a multiply per score.
         load_tile(&mut qt, q, spec, rows.b, q0, nq, h_n, h, spec.scale);
         acc.fill(0.0);
@@ -529,6 +605,11 @@ fn forward_tile<T: Float>(
                     m[r] = mx;
                 }
                 l[r] += softmax_row(row, ca, ce, m[r]);
+                // The sum above is of the undropped probabilities: dropout scales what reaches
+                // V, not the normaliser.
+                if let Some(drop) = &drop {
+                    drop.apply_row(&mut row[ca..ce], i, a);
+                }
             }
             let pm = Mat {
                 data: &s,
@@ -586,7 +667,8 @@ fn load_query_side<T: Float>(
 }
 
 /// Recomputes one score block: `p` becomes P (masked entries 0) and `dp` becomes
-/// dS = P * (dO V^T - D_i), for query rows `q0..q0 + n` against keys `k0..k0 + nk`.
+/// dS = P * (dO V^T - D_i), for query rows `q0..q0 + n` against keys `k0..k0 + nk`. With
+/// dropout, dS = P * (Z * dO V^T - D_i) and `p` becomes the dropped Z * P that dV needs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn probs_and_dscores(
@@ -599,6 +681,7 @@ fn probs_and_dscores(
     kt: &[f32],
     vt: &[f32],
     spec: &AttnSpec,
+    drop: Option<HeadDropout>,
     q0: usize,
     n: usize,
     k0: usize,
@@ -649,8 +732,26 @@ fn probs_and_dscores(
         let (ca, ce) = if a < e { (a - k0, e - k0) } else { (0, 0) };
         let prow = &mut p[r * TILE..r * TILE + nk];
         softmax_row(prow, ca, ce, lse[r]);
-        for (g, p) in dp[r * TILE..r * TILE + nk].iter_mut().zip(prow.iter()) {
-            *g = p * (*g - di[r]);
+        let drow = &mut dp[r * TILE..r * TILE + nk];
+        match &drop {
+            None => {
+                for (g, p) in drow.iter_mut().zip(prow.iter()) {
+                    *g = p * (*g - di[r]);
+                }
+            }
+            Some(drop) => {
+                let first = drop.index(i, k0);
+                for (c, (g, p)) in drow.iter_mut().zip(prow.iter_mut()).enumerate() {
+                    // Invisible entries have P = 0 whatever their factor: skip their hash.
+                    let z = if (ca..ce).contains(&c) {
+                        drop.factor(first + c)
+                    } else {
+                        0.0
+                    };
+                    *g = *p * (z * *g - di[r]);
+                    *p *= z;
+                }
+            }
         }
     }
 }
@@ -685,6 +786,7 @@ fn dkv_tile<T: Float>(
         dkt.fill(0.0);
         dvt.fill(0.0);
         for h in kvh * spec.group()..(kvh + 1) * spec.group() {
+            let drop = spec.head_dropout(rows.b, h);
             let mut q0 = k0;
             while q0 < q_end {
                 let n = (q0 + TILE).min(q_end) - q0;
@@ -692,9 +794,9 @@ fn dkv_tile<T: Float>(
                     &mut qt, &mut dot_, &mut di, &mut lse, x, spec, rows.b, q0, n, h,
                 );
                 probs_and_dscores(
-                    &mut p, &mut ds, &qt, &dot_, &di, &lse, &kt, &vt, spec, q0, n, k0, nk,
+                    &mut p, &mut ds, &qt, &dot_, &di, &lse, &kt, &vt, spec, drop, q0, n, k0, nk,
                 );
-                // dV += P^T dO; dK += dS^T Q (qt already carries the scale).
+                // dV += P^T dO (P dropped, if dropout); dK += dS^T Q (qt carries the scale).
                 let pt = Mat {
                     data: &p,
                     rs: 1,
@@ -765,6 +867,7 @@ fn dq_tile<T: Float>(dq: &mut [T], x: &BackwardInputs<'_, T>, spec: &AttnSpec, r
     let mut ds = vec![0.0f32; nq * TILE];
     for h in 0..h_n {
         let kvh = h / spec.group();
+        let drop = spec.head_dropout(rows.b, h);
         load_query_side(
             &mut qt, &mut dot_, &mut di, &mut lse, x, spec, rows.b, q0, nq, h,
         );
@@ -775,7 +878,7 @@ fn dq_tile<T: Float>(dq: &mut [T], x: &BackwardInputs<'_, T>, spec: &AttnSpec, r
             load_tile(&mut kt, x.k, spec, rows.b, k0, nk, kvh_n, kvh, 1.0);
             load_tile(&mut vt, x.v, spec, rows.b, k0, nk, kvh_n, kvh, 1.0);
             probs_and_dscores(
-                &mut p, &mut ds, &qt, &dot_, &di, &lse, &kt, &vt, spec, q0, nq, k0, nk,
+                &mut p, &mut ds, &qt, &dot_, &di, &lse, &kt, &vt, spec, drop, q0, nq, k0, nk,
             );
             let dsm = Mat {
                 data: &ds,
@@ -810,6 +913,7 @@ fn dq_tile<T: Float>(dq: &mut [T], x: &BackwardInputs<'_, T>, spec: &AttnSpec, r
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dropout::dropout_key;
     use crate::rope::{rope_forward, Positions, RopeScaling, RopeTable};
     use crate::testing::*;
     use half::bf16;
@@ -818,9 +922,27 @@ mod tests {
         j <= i && spec.window.is_none_or(|w| j + w > i)
     }
 
-    /// Full T x T scores with the masks applied, f64 softmax: (out, lse).
+    /// The dropout factors `[B, H, T, T]` spelled out: element `(b, h, i, j)` is 1 / (1 - p) if
+    /// the mask keeps index `((b * H + h) * T + i) * T + j`, else 0; all 1 without dropout.
+    fn explicit_mask(s: &AttnSpec) -> Vec<f64> {
+        let n = s.batch * s.heads * s.seq * s.seq;
+        match s.dropout {
+            None => vec![1.0; n],
+            Some((p, key)) => {
+                let mask = DropoutMask::new(p, key);
+                let keep = 1.0 / (1.0 - p as f64);
+                (0..n)
+                    .map(|e| if mask.keep(e) { keep } else { 0.0 })
+                    .collect()
+            }
+        }
+    }
+
+    /// Full T x T scores with the masks applied, f64 softmax, probabilities times the explicit
+    /// dropout mask before V: (out, lse).
     fn naive_forward(q: &[f32], k: &[f32], v: &[f32], s: &AttnSpec) -> (Vec<f64>, Vec<f64>) {
         let (t, h_n, kvh_n, d) = (s.seq, s.heads, s.kv_heads, s.head_dim);
+        let z = explicit_mask(s);
         let mut out = vec![0.0; s.q_len()];
         let mut lse = vec![0.0; s.lse_len()];
         for b in 0..s.batch {
@@ -841,10 +963,10 @@ mod tests {
                         })
                         .collect();
                     let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
-                    lse[(b * t + i) * h_n + h] = mx + z.ln();
+                    let sum: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
+                    lse[(b * t + i) * h_n + h] = mx + sum.ln();
                     for (j, sc) in scores.iter().enumerate() {
-                        let p = (sc - mx).exp() / z;
+                        let p = (sc - mx).exp() / sum * z[((b * h_n + h) * t + i) * t + j];
                         let vj = ((b * t + j) * kvh_n + kvh) * d;
                         for x in 0..d {
                             out[qi + x] += p * v[vj + x] as f64;
@@ -856,7 +978,8 @@ mod tests {
         (out, lse)
     }
 
-    /// Textbook softmax backward on the full matrices, f64: (dq, dk, dv).
+    /// Textbook softmax backward on the full matrices, f64, with the explicit dropout mask
+    /// `Z` between P and V: (dq, dk, dv).
     fn naive_backward(
         q: &[f32],
         k: &[f32],
@@ -871,6 +994,7 @@ mod tests {
             vec![0.0; s.kv_len()],
         );
         let sc = s.scale as f64;
+        let zm = explicit_mask(s);
         for b in 0..s.batch {
             for h in 0..h_n {
                 let kvh = h / (h_n / kvh_n);
@@ -887,14 +1011,23 @@ mod tests {
                     let mx = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = raw.iter().map(|x| (x - mx).exp()).sum();
                     let p: Vec<f64> = raw.iter().map(|x| (x - mx).exp() / z).collect();
-                    let dp: Vec<f64> = js.iter().map(|&j| dotf(dout, qa(i), v, ka(j))).collect();
+                    let z: Vec<f64> = js
+                        .iter()
+                        .map(|&j| zm[((b * h_n + h) * t + i) * t + j])
+                        .collect();
+                    // Gradient with respect to the undropped P: Z * (dO . V_j).
+                    let dp: Vec<f64> = js
+                        .iter()
+                        .zip(&z)
+                        .map(|(&j, z)| z * dotf(dout, qa(i), v, ka(j)))
+                        .collect();
                     let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     for (n, &j) in js.iter().enumerate() {
                         let ds = p[n] * (dp[n] - pdp);
                         for x in 0..d {
                             dq[qa(i) + x] += sc * ds * k[ka(j) + x] as f64;
                             dk[ka(j) + x] += sc * ds * q[qa(i) + x] as f64;
-                            dv[ka(j) + x] += p[n] * dout[qa(i) + x] as f64;
+                            dv[ka(j) + x] += z[n] * p[n] * dout[qa(i) + x] as f64;
                         }
                     }
                 }
@@ -976,12 +1109,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gradients_match_finite_differences() {
-        for s in [
-            AttnSpec::new(1, 5, 4, 2, 4).with_window(Some(3)),
-            AttnSpec::new(2, 4, 2, 1, 3),
-        ] {
+    /// Central differences of `sum(w * out)` against the analytic gradients.
+    fn check_finite_differences(specs: &[AttnSpec]) {
+        for &s in specs {
             let (mut q, mut k, mut v, w) = inputs(&s, 7);
             let (dq, dk, dv) = run_backward(&q, &k, &v, &w, &s);
             let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
@@ -997,6 +1127,166 @@ mod tests {
             assert_grad_close("dq", &dq, &nq, 2e-3);
             assert_grad_close("dk", &dk, &nk, 2e-3);
             assert_grad_close("dv", &dv, &nv, 2e-3);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        check_finite_differences(&[
+            AttnSpec::new(1, 5, 4, 2, 4).with_window(Some(3)),
+            AttnSpec::new(2, 4, 2, 1, 3),
+        ]);
+    }
+
+    /// The shapes of [`shapes`] with probability dropout, a different key for each.
+    fn dropout_shapes(p: f32) -> Vec<AttnSpec> {
+        shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(n, s)| s.with_dropout(p, dropout_key(17, n as u64, 2)))
+            .collect()
+    }
+
+    #[test]
+    fn dropout_forward_and_backward_match_naive_reference() {
+        for (n, s) in dropout_shapes(0.3).iter().enumerate() {
+            let (q, k, v, dout) = inputs(s, 200 + n as u64);
+            let (out, lse) = run_forward(&q, &k, &v, s);
+            let (want_out, want_lse) = naive_forward(&q, &k, &v, s);
+            assert_close(&format!("dropped out {s:?}"), &out, &want_out, 1e-5);
+            // The logsumexp is that of the undropped scores.
+            assert_close(&format!("dropped lse {s:?}"), &lse, &want_lse, 1e-5);
+            let (dq, dk, dv) = run_backward(&q, &k, &v, &dout, s);
+            let (wq, wk, wv) = naive_backward(&q, &k, &v, &dout, s);
+            assert_close(&format!("dropped dq {s:?}"), &dq, &wq, 2e-5);
+            assert_close(&format!("dropped dk {s:?}"), &dk, &wk, 2e-5);
+            assert_close(&format!("dropped dv {s:?}"), &dv, &wv, 2e-5);
+            // The reference without dropout differs, so the comparison above saw the mask.
+            let undropped = AttnSpec {
+                dropout: None,
+                ..*s
+            };
+            let (plain, _) = naive_forward(&q, &k, &v, &undropped);
+            let diff = plain
+                .iter()
+                .zip(&want_out)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff > 1e-2, "{s:?}: dropout changed nothing ({diff})");
+        }
+    }
+
+    #[test]
+    fn dropout_gradients_match_finite_differences() {
+        // The mask is a function of the key, so the dropped attention is deterministic and
+        // differentiable; p = 0.5 drops enough that a wrong factor would show.
+        let key = dropout_key(3, 1, 2);
+        check_finite_differences(&[
+            AttnSpec::new(1, 5, 4, 2, 4)
+                .with_window(Some(3))
+                .with_dropout(0.5, key),
+            AttnSpec::new(2, 4, 2, 1, 3).with_dropout(0.2, key),
+        ]);
+    }
+
+    #[test]
+    fn dropout_keeps_a_fraction_one_minus_p_scaled_up() {
+        // q = 0 makes row i uniform over its i + 1 keys, and one-hot values (D = T) make
+        // out[i][j] = Z_ij / (i + 1): the mask itself, read through the kernel.
+        let t = 128;
+        for p in [0.1f32, 0.5] {
+            let s = AttnSpec::new(1, t, 2, 2, t).with_dropout(p, dropout_key(5, 0, 2));
+            let q = vec![0.0f32; s.q_len()];
+            let mut v = vec![0.0f32; s.kv_len()];
+            for j in 0..t {
+                for h in 0..2 {
+                    v[(j * 2 + h) * t + j] = 1.0;
+                }
+            }
+            let (out, _) = run_forward(&q, &q, &v, &s);
+            let scale = 1.0 / (1.0 - p);
+            let (mut kept, mut visible) = (0usize, 0usize);
+            for i in 0..t {
+                for h in 0..2 {
+                    let row = &out[(i * 2 + h) * t..(i * 2 + h + 1) * t];
+                    assert!(row[i + 1..].iter().all(|&x| x == 0.0), "future key seen");
+                    for &x in &row[..=i] {
+                        visible += 1;
+                        if x != 0.0 {
+                            kept += 1;
+                            let want = scale / (i + 1) as f32;
+                            assert!((x - want).abs() < 1e-5 * want, "kept {x}, want {want}");
+                        }
+                    }
+                }
+            }
+            let frac = kept as f64 / visible as f64;
+            // 16512 Bernoulli draws: standard deviation at most 0.004; 5 sigma.
+            assert!(
+                (frac - (1.0 - p as f64)).abs() < 0.02,
+                "p = {p}: kept {frac}"
+            );
+        }
+    }
+
+    #[test]
+    fn dropout_is_deterministic_per_key_and_p_zero_is_exact() {
+        let base = AttnSpec::new(2, 70, 4, 2, 16).with_window(Some(60));
+        let (q, k, v, dout) = inputs(&base, 31);
+        let s = base.with_dropout(0.25, dropout_key(9, 4, 2));
+        let (out, lse) = run_forward(&q, &k, &v, &s);
+        let (again, lse_again) = run_forward(&q, &k, &v, &s);
+        assert_eq!(out, again);
+        assert_eq!(lse, lse_again);
+        assert_eq!(
+            run_backward(&q, &k, &v, &dout, &s),
+            run_backward(&q, &k, &v, &dout, &s)
+        );
+        let other = base.with_dropout(0.25, dropout_key(10, 4, 2));
+        let (out_other, lse_other) = run_forward(&q, &k, &v, &other);
+        assert_ne!(out, out_other);
+        // Dropout leaves the normaliser alone.
+        assert_eq!(lse, lse_other);
+
+        // p = 0 is the dropout-free path, bit for bit, however it is spelled.
+        let (plain, plain_lse) = run_forward(&q, &k, &v, &base);
+        let zero = base.with_dropout(0.0, 123);
+        assert_eq!(zero.dropout, None);
+        let spelled = AttnSpec {
+            dropout: Some((0.0, 123)),
+            ..base
+        };
+        for z in [zero, spelled] {
+            assert_eq!(
+                run_forward(&q, &k, &v, &z),
+                (plain.clone(), plain_lse.clone())
+            );
+            assert_eq!(
+                run_backward(&q, &k, &v, &dout, &z),
+                run_backward(&q, &k, &v, &dout, &base)
+            );
+        }
+    }
+
+    #[test]
+    fn dropout_bf16_storage_close_to_f32() {
+        let s = AttnSpec::new(2, 80, 4, 2, 16)
+            .with_window(Some(70))
+            .with_dropout(0.1, dropout_key(1, 2, 2));
+        let (q, k, v, dout) = inputs(&s, 23);
+        let to_bf = |x: &[f32]| x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>();
+        let to_f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+        let (qb, kb, vb, gb) = (to_bf(&q), to_bf(&k), to_bf(&v), to_bf(&dout));
+        let (qf, kf, vf, gf) = (to_f(&qb), to_f(&kb), to_f(&vb), to_f(&gb));
+        let (ob, _) = run_forward(&qb, &kb, &vb, &s);
+        let (of, _) = run_forward(&qf, &kf, &vf, &s);
+        let of64: Vec<f64> = of.iter().map(|x| *x as f64).collect();
+        // As without dropout, plus the 1 / (1 - p) factor's growth of the values.
+        assert_close("bf16 dropped out", &to_f(&ob), &of64, 5e-3);
+        let (dqb, dkb, dvb) = run_backward(&qb, &kb, &vb, &gb, &s);
+        let (dqf, dkf, dvf) = run_backward(&qf, &kf, &vf, &gf, &s);
+        for (name, b, f) in [("dq", dqb, dqf), ("dk", dkb, dkf), ("dv", dvb, dvf)] {
+            let f64s: Vec<f64> = f.iter().map(|x| *x as f64).collect();
+            assert_grad_close(&format!("bf16 dropped {name}"), &to_f(&b), &f64s, 1e-2);
         }
     }
 
@@ -1095,6 +1385,15 @@ mod tests {
             Err(AttentionError::ZeroWindow)
         );
         let s = s.with_window(None);
+        for p in [1.0, -0.1, f32::NAN] {
+            let err = attention_forward(&mut out, &mut lse, &q, &q, &q, &s.with_dropout(p, 0))
+                .unwrap_err();
+            assert!(
+                matches!(err, AttentionError::DropoutProbability { .. }),
+                "p = {p}: {err}"
+            );
+            assert!(err.to_string().contains("must be in [0, 1)"), "{err}");
+        }
         let err = attention_forward(&mut out, &mut lse, &q, &q[..31], &q, &s).unwrap_err();
         assert_eq!(
             err,
@@ -1110,8 +1409,8 @@ mod tests {
     #[test]
     #[ignore]
     fn attention_timing() {
-        fn time<T: Float>(name: &str) {
-            let s = AttnSpec::new(4, 512, 12, 12, 64);
+        fn time<T: Float>(name: &str, p: f32) {
+            let s = AttnSpec::new(4, 512, 12, 12, 64).with_dropout(p, dropout_key(1, 1, 2));
             let (q, k, v, dout) = inputs(&s, 1);
             let c = |x: &[f32]| x.iter().map(|v| T::from_f32(*v)).collect::<Vec<_>>();
             let (q, k, v, dout) = (c(&q), c(&k), c(&v), c(&dout));
@@ -1133,13 +1432,15 @@ mod tests {
                 bwd = bwd.min((t2 - t1).as_secs_f64());
             }
             println!(
-                "attention {name} B=4 T=512 H=12 D=64, {} threads: forward {:.1} ms, backward {:.1} ms",
+                "attention {name} B=4 T=512 H=12 D=64 dropout {p}, {} threads: forward {:.1} ms, \
+                 backward {:.1} ms",
                 rayon::current_num_threads(),
                 fwd * 1e3,
                 bwd * 1e3
             );
         }
-        time::<f32>("f32");
-        time::<bf16>("bf16");
+        time::<f32>("f32", 0.0);
+        time::<bf16>("bf16", 0.0);
+        time::<f32>("f32", 0.1);
     }
 }

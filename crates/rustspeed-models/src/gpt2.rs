@@ -8,8 +8,8 @@
 //! Dropout masks come from [`rustspeed_kernels::dropout`]: the key of a site is
 //! `(ctx.dropout_seed, layer index in the model, site)`, so backward and a recomputed forward
 //! regenerate the mask instead of storing it. Sites: block 0 = after `attn.c_proj`, 1 = after
-//! `mlp.c_proj`; embedding 0. Attention-probability dropout (`attn_pdrop`) is not implemented: a
-//! training forward with `attn_pdrop > 0` is refused (see [`check_trainable`]).
+//! `mlp.c_proj`, 2 = the attention probabilities (`attn_pdrop`, applied inside the tiled
+//! attention kernel, which regenerates its `T x T` mask in backward); embedding 0.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,6 +44,7 @@ const LM_HEAD: &str = "lm_head.weight";
 /// Dropout sites of a block (see the module docs).
 const SITE_ATTN_RESID: u64 = 0;
 const SITE_MLP_RESID: u64 = 1;
+const SITE_ATTN_PROBS: u64 = 2;
 const SITE_EMBEDDING: u64 = 0;
 
 /// The sizes every GPT-2 layer needs.
@@ -89,22 +90,12 @@ impl Dims {
     }
 }
 
-/// Refuses configurations this implementation cannot train faithfully (today: `attn_pdrop > 0`).
-/// Evaluation is unaffected. The engine should call this before training; a training forward
-/// that gets here anyway panics with the same message.
-pub fn check_trainable(cfg: &ModelConfig) -> Result<(), ModelError> {
-    if cfg.dropout.attention > 0.0 {
-        return Err(attn_pdrop_error(cfg.dropout.attention));
-    }
+/// Whether this implementation can train the configuration faithfully, as
+/// `llama::check_trainable` for the LLaMA family. Every GPT-2 configuration that parses is
+/// trainable: all three dropouts (`embd_pdrop`, `resid_pdrop`, `attn_pdrop`) are implemented and
+/// their range was checked when the config was read.
+pub fn check_trainable(_cfg: &ModelConfig) -> Result<(), ModelError> {
     Ok(())
-}
-
-fn attn_pdrop_error(p: f32) -> ModelError {
-    ModelError::Unsupported {
-        what: "attn_pdrop".into(),
-        value: p.to_string(),
-        hint: Some("set it to 0.0 in config.json".into()),
-    }
 }
 
 /// Builds `GPT2LMHeadModel` with zeroed parameters (fill them with [`init_weights`] or
@@ -482,15 +473,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<T: Float> Block<T> {
-    fn attn_spec(&self, batch: &Batch) -> AttnSpec {
+    /// The attention call; `train` turns on attention-probability dropout (`attn_pdrop`),
+    /// keyed like the block's other dropouts so that backward regenerates the same mask.
+    fn attn_spec(&self, ctx: &Ctx, train: bool) -> AttnSpec {
         let dm = &self.dims;
-        AttnSpec::new(
-            batch.batch_size,
-            batch.seq_len,
+        let spec = AttnSpec::new(
+            ctx.batch.batch_size,
+            ctx.batch.seq_len,
             dm.heads,
             dm.heads,
             dm.head_dim,
-        )
+        );
+        if train {
+            let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_ATTN_PROBS);
+            spec.with_dropout(dm.attn_pdrop, key)
+        } else {
+            spec
+        }
     }
 
     /// The forward pass into `acts`; `flow.hidden` is swapped into `acts.x` and replaced by the
@@ -545,7 +544,7 @@ impl<T: Float> Block<T> {
             k[r * d..(r + 1) * d].copy_from_slice(&row[d..2 * d]);
             v[r * d..(r + 1) * d].copy_from_slice(&row[2 * d..]);
         }
-        let spec = self.attn_spec(ctx.batch);
+        let spec = self.attn_spec(ctx, ctx.train);
         attention_forward(
             sized(&mut acts.att, n * d),
             sized(&mut acts.lse, spec.lse_len()),
@@ -633,9 +632,6 @@ impl<T: Float> Layer<T> for Block<T> {
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
-        if ctx.train && self.dims.attn_pdrop > 0.0 {
-            panic!("{}: {}", self.name, attn_pdrop_error(self.dims.attn_pdrop));
-        }
         let scratch = Arc::clone(&self.scratch);
         let mut guard = lock(&scratch);
         let s = &mut *guard;
@@ -657,7 +653,8 @@ impl<T: Float> Layer<T> for Block<T> {
     ) {
         let Dims { d, ffn, .. } = self.dims;
         let n = ctx.batch.rows();
-        let spec = self.attn_spec(ctx.batch);
+        // Backward only follows a training forward, whose attention dropped.
+        let spec = self.attn_spec(ctx, true);
         let a = &mut self.acts;
         assert_eq!(
             a.x.len(),
@@ -991,6 +988,11 @@ mod tests {
     }
 
     #[test]
+    fn finite_differences_with_attention_dropout() {
+        check_fd(&config(serde_json::json!({"attn_pdrop": 0.3})));
+    }
+
+    #[test]
     fn finite_differences_untied_exact_gelu() {
         check_fd(&config(serde_json::json!({
             "tie_word_embeddings": false, "activation_function": "gelu", "n_layer": 1,
@@ -1113,16 +1115,32 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "not supported yet: attn_pdrop = 0.1 (set it to 0.0 in config.json)")]
-    fn attention_dropout_is_refused_in_training() {
-        let cfg = config(serde_json::json!({"attn_pdrop": 0.1}));
-        let err = check_trainable(&cfg).unwrap_err().to_string();
-        assert!(err.contains("attn_pdrop = 0.1"), "{err}");
-        let mut model = random_model(&cfg, 6);
+    fn attention_dropout_is_seeded_and_off_in_evaluation() {
         let batch = batch();
-        // Evaluation is fine.
-        model.forward(&batch, false, 0);
-        model.forward(&batch, true, 0);
+        let plain = config(serde_json::json!({}));
+        let mut model = random_model(&plain, 6);
+        let eval = model.forward(&batch, false, 0);
+        // Stock GPT-2 configs have attn_pdrop 0.1.
+        let cfg = config(serde_json::json!({"attn_pdrop": 0.1}));
+        check_trainable(&cfg).unwrap();
+        let mut dropping = build::<f32>(&cfg).unwrap();
+        dropping.params.copy_from_slice(&model.params);
+        assert_eq!(dropping.forward(&batch, false, 3), eval);
+        let a = dropping.forward(&batch, true, 3);
+        assert_eq!(dropping.forward(&batch, true, 3), a);
+        assert_ne!(a.nll, eval.nll);
+        assert_ne!(dropping.forward(&batch, true, 4).nll, a.nll);
+        // Same seed, same gradients; the backward regenerates the forward's masks (checked
+        // against finite differences above).
+        let grads = |m: &mut Model<f32>, seed| {
+            let mut g = vec![0f32; m.params.len()];
+            m.forward(&batch, true, seed);
+            m.backward(&mut g, &batch, 0.1, seed);
+            g
+        };
+        let g3 = grads(&mut dropping, 3);
+        assert_eq!(grads(&mut dropping, 3), g3);
+        assert_ne!(grads(&mut dropping, 4), g3);
     }
 
     #[test]
