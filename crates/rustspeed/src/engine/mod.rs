@@ -20,6 +20,7 @@
 //! trainable parameters' flat layout ([`FlatLayout`]), and the optimizer steps the partition
 //! `[lo, hi)` (everything with one process).
 
+mod eval;
 mod grads;
 mod resume;
 mod schedule;
@@ -62,6 +63,8 @@ pub enum EngineError {
     NoLoss { layer: String },
     #[error("backward() was called without a forward() before it")]
     BackwardWithoutForward,
+    #[error("eval_loss() was called between a training forward() and its backward(); evaluate before forward() or after backward()")]
+    EvalDuringStep,
     #[error("train_batch needs gradient_accumulation_steps = {gas} micro-batches per step, but the data ended after {got}")]
     DataExhausted { gas: u64, got: u64 },
     #[error("train_batch must start at a gradient-accumulation boundary, but {pending} of {gas} micro-batches of the current step were already run with forward/backward/step")]
