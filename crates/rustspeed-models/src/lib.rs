@@ -1,6 +1,7 @@
 //! The layer protocol, GPT-2 and the LLaMA family, and HF formats.
 
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf_config;

@@ -101,7 +101,7 @@ fn run<T: Float>(args: &[String], config: rustspeed_config::DsConfig, steps: u64
     };
     let before = eval(&mut engine);
     println!("held-out loss before: {before:.4}");
-    let mut data = train.chunks(micro).cycle().map(|rows| to_batch(rows));
+    let mut data = train.chunks(micro).cycle().map(to_batch);
     let tokens_per_step = micro * block * config.gradient_accumulation_steps() as usize;
     for _ in 0..steps {
         let t = Instant::now();

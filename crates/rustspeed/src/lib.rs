@@ -7,3 +7,4 @@ pub mod lr_schedule;
 pub mod memory;
 pub mod optimizer;
 pub mod precision;
+pub mod rss;
