@@ -16,8 +16,10 @@ Semantics (DeepSpeed 0.19, fp32, ZeRO off, one rank, gradient_accumulation_steps
     which equals torch.nn.utils.clip_grad_norm_'s)
   * AdamW (DeepSpeed "AdamW": decoupled decay), torch's single-tensor implementation
   * weight decay groups as HF Trainer: no decay for biases and norm weights
-  * WarmupLR: lr(i) = min + (max - min) * gamma(i), the scheduler stepped after each optimizer
-    step, so step 1 runs at lr(0) = warmup_min_lr (DeepSpeed's order of events)
+  * WarmupLR: lr(i) = min + (max - min) * gamma(i); construction writes lr(-1) = min and the
+    scheduler steps after each optimizer step, so step k (1-based) runs at lr(k - 2): the first
+    two steps both at warmup_min_lr (DeepSpeed's order of events)
+  * a tied weight (GPT-2's wte = lm_head) is one parameter, stepped once per step
 """
 
 import json
@@ -47,6 +49,9 @@ def batches(vocab, seed):
 
 
 def warmup_lr(i, lo, hi, w, kind):
+    # DeepSpeed's WarmupLR: construction (i = -1) writes the minimum.
+    if i < 0:
+        return lo
     w = max(2, w)
     if i >= w:
         return hi
@@ -61,9 +66,14 @@ def run(case, model_dir, ds_config):
     )
     model.train()
     opt_params = ds_config["optimizer"]["params"]
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
+            # A tied weight (GPT-2's lm_head is wte) appears under two modules: listing it
+            # twice would make torch step it twice per optimizer step.
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             is_norm = "Norm" in type(module).__name__
             (no_decay if is_norm or p_name == "bias" else decay).append(p)
     opt = torch.optim.AdamW(
@@ -83,7 +93,9 @@ def run(case, model_dir, ds_config):
     for i, (ids, labels) in enumerate(batches(model.config.vocab_size, 1234)):
         if sched:
             p = sched["params"]
-            lr = warmup_lr(i, p["warmup_min_lr"], p["warmup_max_lr"], p["warmup_num_steps"],
+            # DeepSpeed steps the scheduler after each optimizer step, starting from
+            # last_batch_iteration -1 at construction: step i (0-based) runs at lr(i - 1).
+            lr = warmup_lr(i - 1, p["warmup_min_lr"], p["warmup_max_lr"], p["warmup_num_steps"],
                            p.get("warmup_type", "log"))
             for group in opt.param_groups:
                 group["lr"] = lr
