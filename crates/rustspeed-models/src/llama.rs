@@ -26,6 +26,7 @@ use rustspeed_kernels::attention::{attention_backward, attention_forward, AttnSp
 use rustspeed_kernels::cross_entropy::{
     lm_head_cross_entropy, lm_head_cross_entropy_loss, lm_head_logits,
 };
+use rustspeed_kernels::dropout::dropout_key;
 use rustspeed_kernels::embedding::{embedding_backward, embedding_forward};
 use rustspeed_kernels::matmul::{
     linear_backward, linear_forward, matmul, LinearShape, WeightLayout,
@@ -125,16 +126,10 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
     Ok(Model::new(layers)?)
 }
 
-/// Fails when training this configuration would need something not implemented yet (attention
-/// dropout); the engine calls it before training, forward panics with the same message.
-pub fn check_trainable(cfg: &ModelConfig) -> Result<(), ModelError> {
-    if cfg.dropout.attention > 0.0 {
-        return Err(unsupported(
-            "attention_dropout",
-            cfg.dropout.attention,
-            Some("training with attention dropout; set it to 0.0 or evaluate only"),
-        ));
-    }
+/// Fails when training this configuration would need something not implemented. Everything
+/// the LLaMA family's configs describe trains today (attention dropout included); kept so the
+/// train command checks every architecture the same way.
+pub fn check_trainable(_cfg: &ModelConfig) -> Result<(), ModelError> {
     Ok(())
 }
 
@@ -401,6 +396,8 @@ struct Decoder<T> {
     eps: f32,
     window: Option<usize>,
     attention_dropout: f32,
+    /// Position in the model's layer list (the embedding is 0), keying this layer's dropout.
+    index: usize,
     rope: RopeTable,
     rope_scaling: rope::RopeScaling,
     rope_theta: f32,
@@ -473,6 +470,7 @@ impl<T: Float> Decoder<T> {
             eps: cfg.norm_eps as f32,
             window: cfg.layer_sliding_window(index),
             attention_dropout: cfg.dropout.attention,
+            index: index + 1,
             rope,
             rope_scaling,
             rope_theta,
@@ -491,15 +489,24 @@ impl<T: Float> Decoder<T> {
         }
     }
 
-    fn spec(&self, batch: &Batch) -> AttnSpec {
-        AttnSpec::new(
+    /// The attention call; in training, attention-probability dropout (`attention_dropout`)
+    /// keyed by (dropout seed, layer), so backward regenerates the forward's mask.
+    fn spec(&self, ctx: &Ctx, train: bool) -> AttnSpec {
+        let batch = ctx.batch;
+        let spec = AttnSpec::new(
             batch.batch_size,
             batch.seq_len,
             self.heads,
             self.kv_heads,
             self.head_dim,
         )
-        .with_window(self.window)
+        .with_window(self.window);
+        if train {
+            let key = dropout_key(ctx.dropout_seed, self.index as u64, 0);
+            spec.with_dropout(self.attention_dropout, key)
+        } else {
+            spec
+        }
     }
 
     fn rope_apply(&self, x: &mut [T], batch: &Batch, heads: usize, forward: bool) {
@@ -580,17 +587,10 @@ impl<T: Float> Layer<T> for Decoder<T> {
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
-        if ctx.train && self.attention_dropout > 0.0 {
-            panic!(
-                "{}: not supported yet: attention_dropout = {} in training (set it to 0.0; \
-                 evaluation ignores it)",
-                self.name, self.attention_dropout
-            );
-        }
         let batch = ctx.batch;
         let rows = batch.rows();
         let (d, ffn) = (self.d, self.ffn);
-        let spec = self.spec(batch);
+        let spec = self.spec(ctx, ctx.train);
         self.ensure_rope(batch.seq_len);
         let x = std::mem::take(&mut flow.hidden);
         assert_eq!(
@@ -662,7 +662,7 @@ impl<T: Float> Layer<T> for Decoder<T> {
         let batch = ctx.batch;
         let rows = batch.rows();
         let (d, ffn) = (self.d, self.ffn);
-        let spec = self.spec(batch);
+        let spec = self.spec(ctx, true);
         // The output gradient becomes dh (plus the MLP branch), then dx (plus the attention branch).
         let mut dres = std::mem::take(&mut flow.hidden);
         assert_eq!(
@@ -1040,10 +1040,12 @@ mod tests {
             for _ in 0..4 {
                 let i = range.start + (rng.next_u64() % range.len() as u64) as usize;
                 let orig = m.params[i];
+                // Training mode with the same dropout seed: the masks are fixed, so the loss
+                // is a deterministic function of the parameters (equal to eval without dropout).
                 m.params[i] = orig + eps;
-                let plus = m.forward(&b, false, 0).mean();
+                let plus = m.forward(&b, true, 0).mean();
                 m.params[i] = orig - eps;
-                let minus = m.forward(&b, false, 0).mean();
+                let minus = m.forward(&b, true, 0).mean();
                 m.params[i] = orig;
                 let numeric = ((plus - minus) / (2.0 * eps as f64)) as f32;
                 let err = (grads[i] - numeric).abs();
@@ -1162,26 +1164,30 @@ mod tests {
     }
 
     #[test]
-    fn attention_dropout_is_refused_in_training_only() {
-        let cfg = cfg_with(LLAMA, "attention_dropout", 0.1.into());
-        let err = check_trainable(&cfg).unwrap_err().to_string();
-        assert!(
-            err.contains("not supported yet: attention_dropout = 0.1"),
-            "{err}"
-        );
+    fn attention_dropout_is_seeded_and_off_in_evaluation() {
+        let cfg = cfg_with(LLAMA, "attention_dropout", 0.3.into());
+        assert!(check_trainable(&cfg).is_ok());
+        let plain = cfg_with(LLAMA, "attention_dropout", 0.0.into());
         let mut m = model::<f32>(&cfg, 1);
-        let b = batch(20, 1, 4, 2);
-        assert!(m.forward(&b, false, 0).nll.is_finite());
-        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            m.forward(&b, true, 0);
-        }))
-        .unwrap_err();
-        let msg = panic.downcast_ref::<String>().unwrap();
-        assert!(
-            msg.contains("not supported yet: attention_dropout"),
-            "{msg}"
+        let mut reference = model::<f32>(&plain, 1);
+        let b = batch(20, 2, 6, 2);
+        let eval = m.forward(&b, false, 0);
+        assert_eq!(
+            eval,
+            reference.forward(&b, false, 0),
+            "evaluation never drops"
         );
-        assert!(check_trainable(&cfg_with(LLAMA, "attention_dropout", 0.0.into())).is_ok());
+        let a = m.forward(&b, true, 7);
+        let again = m.forward(&b, true, 7);
+        let other = m.forward(&b, true, 8);
+        assert_eq!(a, again, "same seed, same masks");
+        assert_ne!(a, other, "another seed draws other masks");
+        assert_ne!(a, eval, "training drops attention probabilities");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_attention_dropout() {
+        check_gradients(&cfg_with(LLAMA, "attention_dropout", 0.3.into()), 5);
     }
 
     #[test]
