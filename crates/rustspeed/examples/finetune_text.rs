@@ -117,8 +117,16 @@ fn run<T: Float>(args: &[String], config: rustspeed_config::DsConfig, steps: u64
         );
     }
     let after = eval(&mut engine);
+    let bytes = engine.model_state_bytes();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
-        "held-out loss after {steps} steps: {after:.4} (before {before:.4}); total {:.0}s",
-        t0.elapsed().as_secs_f64()
+        "held-out loss after {steps} steps: {after:.4} (before {before:.4}); total {:.0}s; model states {:.2} GiB (weights {:.2} + grads {:.2} + master {:.2} + optimizer {:.2}); peak RSS {}",
+        t0.elapsed().as_secs_f64(),
+        gib(bytes.total),
+        gib(bytes.weights),
+        gib(bytes.grads),
+        gib(bytes.master),
+        gib(bytes.optimizer),
+        rustspeed::rss::peak_rss_bytes().map_or("unknown".into(), |b| format!("{:.2} GiB", gib(b)))
     );
 }
