@@ -49,7 +49,8 @@ fn run<T: Float>(shape: &str, dtype: &str, b: usize, t: usize, steps: usize) {
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     for i in 0..=steps {
         let t0 = Instant::now();
-        let loss = model.forward(&batch, true, 0);
+        // The training driver: the LM head's loss and gradients come from one pass in forward.
+        let loss = model.train_forward(&mut grads, &batch, scale, 0);
         let t1 = Instant::now();
         model.backward(&mut grads, &batch, scale, 0);
         let t2 = Instant::now();

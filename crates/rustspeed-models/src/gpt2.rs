@@ -146,6 +146,7 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
         mean: Vec::new(),
         rstd: Vec::new(),
         dnormed: Vec::new(),
+        dx: None,
         logits: Vec::new(),
     }));
     Ok(Model::new(layers)?)
@@ -779,10 +780,11 @@ impl<T: Float> Layer<T> for Block<T> {
 
 /// `transformer.ln_f`, the LM head (tied to `wte` or its own `lm_head.weight`) and the loss.
 ///
-/// The forward computes the loss only; the backward runs the fused head + cross-entropy kernel,
-/// recomputing the logits chunk by chunk. The protocol gives the loss gradient's scale
-/// (`ctx.grad_scale`) and the gradient buffers to backward only, and keeping the logits of every
-/// position between the two passes is what the chunked kernel exists to avoid.
+/// Training goes through `forward_backward` when the caller knows the gradient scale: one pass
+/// of the fused head + cross-entropy kernel gives the loss and every gradient, and only the
+/// input gradient waits for `backward`. Plain `forward` computes the loss only, and its
+/// `backward` then recomputes the logits chunk by chunk (keeping the logits of every position
+/// between the two passes is what the chunked kernel exists to avoid).
 struct Head<T> {
     dims: Dims,
     tied: bool,
@@ -791,8 +793,81 @@ struct Head<T> {
     mean: Vec<f32>,
     rstd: Vec<f32>,
     dnormed: Vec<T>,
+    /// The input gradient `forward_backward` computed, for `backward` to hand back.
+    dx: Option<Vec<T>>,
     /// One chunk of f32 logits, reused across calls.
     logits: Vec<f32>,
+}
+
+impl<T: Float> Head<T> {
+    /// `ln_f` of `flow.hidden` into `self.normed` (keeping the input in `self.x`).
+    fn normalize(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let Dims { d, eps, .. } = self.dims;
+        let n = ctx.batch.rows();
+        assert_eq!(flow.hidden.len(), n * d, "lm_head: input size");
+        assert_eq!(ctx.batch.labels.len(), n, "lm_head: labels length");
+        std::mem::swap(&mut self.x, &mut flow.hidden);
+        flow.hidden.clear();
+        self.dx = None;
+        layernorm_forward(
+            sized(&mut self.normed, n * d),
+            sized(&mut self.mean, n),
+            sized(&mut self.rstd, n),
+            &self.x,
+            params[0],
+            params[1],
+            n,
+            d,
+            eps,
+        );
+    }
+
+    /// The fused kernel over `self.normed` (`grads`: ln_f weight, ln_f bias, head weight), then
+    /// `ln_f`'s backward; returns the input gradient and the loss.
+    fn head_backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        ctx: &Ctx,
+    ) -> (Vec<T>, LossSum) {
+        let Dims { d, vocab, .. } = self.dims;
+        let n = ctx.batch.rows();
+        assert_eq!(self.x.len(), n * d, "lm_head: backward without a forward");
+        let (ln, head) = grads.split_at_mut(2);
+        let stats = lm_head_cross_entropy(
+            sized(&mut self.dnormed, n * d),
+            Some(&mut *head[0]),
+            &self.normed,
+            params[2],
+            &ctx.batch.labels,
+            n,
+            d,
+            vocab,
+            ctx.grad_scale,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        let (gw, gb) = pair(ln, 0);
+        let mut dx = vec![T::default(); n * d];
+        layernorm_backward(
+            &mut dx,
+            false,
+            Some(gw),
+            Some(gb),
+            &self.dnormed,
+            &self.x,
+            params[0],
+            &self.mean,
+            &self.rstd,
+            n,
+            d,
+        );
+        let loss = LossSum {
+            nll: stats.nll_sum,
+            tokens: stats.count,
+        };
+        (dx, loss)
+    }
 }
 
 impl<T: Float> Layer<T> for Head<T> {
@@ -821,28 +896,13 @@ impl<T: Float> Layer<T> for Head<T> {
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
-        let Dims { d, vocab, eps, .. } = self.dims;
-        let n = ctx.batch.rows();
-        assert_eq!(flow.hidden.len(), n * d, "lm_head: input size");
-        assert_eq!(ctx.batch.labels.len(), n, "lm_head: labels length");
-        std::mem::swap(&mut self.x, &mut flow.hidden);
-        flow.hidden.clear();
-        layernorm_forward(
-            sized(&mut self.normed, n * d),
-            sized(&mut self.mean, n),
-            sized(&mut self.rstd, n),
-            &self.x,
-            params[0],
-            params[1],
-            n,
-            d,
-            eps,
-        );
+        self.normalize(params, flow, ctx);
+        let Dims { d, vocab, .. } = self.dims;
         let stats = lm_head_cross_entropy_loss(
             &self.normed,
             params[2],
             &ctx.batch.labels,
-            n,
+            ctx.batch.rows(),
             d,
             vocab,
             &mut self.logits,
@@ -854,6 +914,25 @@ impl<T: Float> Layer<T> for Head<T> {
         });
     }
 
+    fn forward_backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) -> bool {
+        if !ctx.train {
+            return false;
+        }
+        self.normalize(params, flow, ctx);
+        let (dx, loss) = self.head_backward(params, grads, ctx);
+        flow.loss = Some(loss);
+        self.dx = Some(dx);
+        // What backward would need is spent: free it now rather than at `clear`.
+        self.x = Vec::new();
+        true
+    }
+
     fn backward(
         &mut self,
         params: &[&[T]],
@@ -861,37 +940,16 @@ impl<T: Float> Layer<T> for Head<T> {
         flow: &mut Flow<T>,
         ctx: &Ctx,
     ) {
-        let Dims { d, vocab, .. } = self.dims;
-        let n = ctx.batch.rows();
-        assert_eq!(self.x.len(), n * d, "lm_head: backward without a forward");
-        let (ln, head) = grads.split_at_mut(2);
-        lm_head_cross_entropy(
-            sized(&mut self.dnormed, n * d),
-            Some(&mut *head[0]),
-            &self.normed,
-            params[2],
-            &ctx.batch.labels,
-            n,
-            d,
-            vocab,
-            ctx.grad_scale,
-            &mut self.logits,
-        )
-        .unwrap_or_else(|e| panic!("lm_head: {e}"));
-        let (gw, gb) = pair(ln, 0);
-        layernorm_backward(
-            sized(&mut flow.hidden, n * d),
-            false,
-            Some(gw),
-            Some(gb),
-            &self.dnormed,
-            &self.x,
-            params[0],
-            &self.mean,
-            &self.rstd,
-            n,
-            d,
+        let dx = match self.dx.take() {
+            Some(dx) => dx,
+            None => self.head_backward(params, grads, ctx).0,
+        };
+        assert_eq!(
+            dx.len(),
+            ctx.batch.rows() * self.dims.d,
+            "lm_head: backward of another batch than its forward"
         );
+        flow.hidden = dx;
     }
 
     fn clear(&mut self) {
@@ -900,6 +958,7 @@ impl<T: Float> Layer<T> for Head<T> {
         self.mean = Vec::new();
         self.rstd = Vec::new();
         self.dnormed = Vec::new();
+        self.dx = None;
     }
 }
 
@@ -997,6 +1056,72 @@ mod tests {
         check_fd(&config(serde_json::json!({
             "tie_word_embeddings": false, "activation_function": "gelu", "n_layer": 1,
         })));
+    }
+
+    /// `train_forward` + `backward` (the fused head) against `forward` + `backward` (logits
+    /// recomputed in backward): same loss, same gradients, accumulated onto what the buffer held.
+    fn check_fused_matches_unfused(cfg: &ModelConfig) {
+        let mut model = random_model(cfg, 7);
+        let batch = batch();
+        let (seed, scale) = (5, 0.37);
+        let start: Vec<f32> = (0..model.params.len())
+            .map(|i| (i % 13) as f32 * 0.01)
+            .collect();
+        let mut want = start.clone();
+        let plain = model.forward(&batch, true, seed);
+        model.backward(&mut want, &batch, scale, seed);
+
+        let mut got = start.clone();
+        let fused = model.train_forward(&mut got, &batch, scale, seed);
+        // The head's gradients (and only the head's) are complete before backward.
+        let head = model.layers.len() - 1;
+        for slot in model.layout.slots() {
+            let range = slot.range();
+            let in_head = model
+                .layout
+                .layer_slots(head)
+                .any(|s| s.spec.name == slot.spec.name);
+            let moved = got[range.clone()] != start[range.clone()];
+            assert_eq!(moved, in_head, "{} after train_forward", slot.spec.name);
+        }
+        model.backward(&mut got, &batch, scale, seed);
+        assert_eq!(fused.tokens, plain.tokens);
+        assert!(
+            (fused.nll - plain.nll).abs() <= 1e-6 * plain.nll,
+            "loss {} vs {}",
+            fused.nll,
+            plain.nll
+        );
+        let max = want.iter().fold(0f32, |m, g| m.max(g.abs()));
+        for slot in model.layout.slots() {
+            for i in slot.range() {
+                assert!(
+                    (got[i] - want[i]).abs() <= 1e-5 * max,
+                    "{}[{}]: fused {} vs unfused {}",
+                    slot.spec.name,
+                    i - slot.range().start,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        // One call does both halves.
+        let mut both = start.clone();
+        let loss = model.forward_backward(&mut both, &batch, scale, seed);
+        assert_eq!(loss, fused);
+        assert_eq!(both, got);
+    }
+
+    #[test]
+    fn fused_head_matches_forward_then_backward_tied_with_dropout() {
+        check_fused_matches_unfused(&config(
+            serde_json::json!({"embd_pdrop": 0.1, "resid_pdrop": 0.2, "attn_pdrop": 0.1}),
+        ));
+    }
+
+    #[test]
+    fn fused_head_matches_forward_then_backward_untied() {
+        check_fused_matches_unfused(&config(serde_json::json!({"tie_word_embeddings": false})));
     }
 
     #[test]

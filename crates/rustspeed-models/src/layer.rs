@@ -102,7 +102,8 @@ pub struct Ctx<'a> {
     /// Seed of this micro-batch's dropout masks; a layer mixes in its own index, so a
     /// recomputed forward (activation checkpointing) draws the same masks.
     pub dropout_seed: u64,
-    /// Backward only: the factor the loss gradient starts from (loss scale / counted tokens / GAS).
+    /// The factor the loss gradient starts from (loss scale / counted tokens / GAS): read by the
+    /// head's `backward`, and by its `forward_backward`, whose caller knows it before forward.
     pub grad_scale: f32,
 }
 
@@ -124,6 +125,23 @@ pub trait Layer<T: Float>: Send {
 
     /// Replaces `flow.hidden` by this layer's output (or sets `flow.loss`, for the head).
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx);
+
+    /// The last layer's training forward fused with the first half of its backward, for callers
+    /// that know `ctx.grad_scale` and can hand over the gradient views before forward. Sets
+    /// `flow.loss` like `forward`, accumulates every parameter gradient into `grads` at once and
+    /// keeps only the input gradient, which the following `backward` hands back in `flow.hidden`
+    /// without touching `grads` again. The LM head needs this to compute its logits once per step:
+    /// a loss-only forward would have to recompute them in backward. Returns false (having done
+    /// nothing) when the layer has no fused path; the caller then runs `forward`.
+    fn forward_backward(
+        &mut self,
+        _params: &[&[T]],
+        _grads: &mut [&mut [f32]],
+        _flow: &mut Flow<T>,
+        _ctx: &Ctx,
+    ) -> bool {
+        false
+    }
 
     /// Given the gradient of this layer's output in `flow.hidden` (ignored by the head, which
     /// starts from `ctx.grad_scale`), accumulates parameter gradients into `grads` and replaces

@@ -810,6 +810,8 @@ struct Head<T> {
     tied: bool,
     /// The input and its rstd, kept for backward.
     saved: Option<(Vec<T>, Vec<f32>)>,
+    /// The input gradient `forward_backward` computed, for `backward` to hand back.
+    dx: Option<Vec<T>>,
     normed: Vec<T>,
     logits: Vec<f32>,
 }
@@ -822,9 +824,70 @@ impl<T: Float> Head<T> {
             eps: cfg.norm_eps as f32,
             tied: cfg.tie_word_embeddings,
             saved: None,
+            dx: None,
             normed: Vec::new(),
             logits: Vec::new(),
         }
+    }
+
+    /// The final RMSNorm of `flow.hidden` into `self.normed`; returns the input and its rstd.
+    fn normalize(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) -> (Vec<T>, Vec<f32>) {
+        let rows = ctx.batch.rows();
+        let x = std::mem::take(&mut flow.hidden);
+        assert_eq!(
+            x.len(),
+            rows * self.d,
+            "lm_head: input is not [B*T, hidden]"
+        );
+        self.dx = None;
+        let mut rstd = vec![0f32; rows];
+        let normed = sized(&mut self.normed, rows * self.d);
+        rmsnorm_forward(normed, &mut rstd, &x, params[0], rows, self.d, self.eps);
+        (x, rstd)
+    }
+
+    /// The fused kernel over `self.normed` (the norm of `x`; `grads`: norm weight, head
+    /// weight), then the norm's backward; returns the input gradient and the loss.
+    fn head_backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        (x, rstd): (&[T], &[f32]),
+        ctx: &Ctx,
+    ) -> (Vec<T>, LossSum) {
+        let rows = ctx.batch.rows();
+        let d = self.d;
+        let mut dnormed = vec![T::default(); rows * d];
+        let stats = lm_head_cross_entropy(
+            &mut dnormed,
+            Some(&mut *grads[1]),
+            &self.normed[..rows * d],
+            params[1],
+            &ctx.batch.labels,
+            rows,
+            d,
+            self.vocab,
+            ctx.grad_scale,
+            &mut self.logits,
+        )
+        .unwrap_or_else(|e| panic!("lm_head: {e}"));
+        let mut dx = vec![T::default(); rows * d];
+        rmsnorm_backward(
+            &mut dx,
+            false,
+            Some(&mut *grads[0]),
+            &dnormed,
+            x,
+            params[0],
+            rstd,
+            rows,
+            d,
+        );
+        let loss = LossSum {
+            nll: stats.nll_sum,
+            tokens: stats.count,
+        };
+        (dx, loss)
     }
 }
 
@@ -850,20 +913,12 @@ impl<T: Float> Layer<T> for Head<T> {
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
+        let (x, rstd) = self.normalize(params, flow, ctx);
+        // Without the gradient scale (plain forward), training recomputes the logits in
+        // backward, so no [rows, vocab] buffer ever outlives one chunk.
         let rows = ctx.batch.rows();
-        let x = std::mem::take(&mut flow.hidden);
-        assert_eq!(
-            x.len(),
-            rows * self.d,
-            "lm_head: input is not [B*T, hidden]"
-        );
-        let mut rstd = vec![0f32; rows];
-        let normed = sized(&mut self.normed, rows * self.d);
-        rmsnorm_forward(normed, &mut rstd, &x, params[0], rows, self.d, self.eps);
-        // Training recomputes the logits in backward (the fused kernel needs ctx.grad_scale),
-        // so no [rows, vocab] buffer ever outlives one chunk.
         let stats = lm_head_cross_entropy_loss(
-            normed,
+            &self.normed[..rows * self.d],
             params[1],
             &ctx.batch.labels,
             rows,
@@ -881,6 +936,24 @@ impl<T: Float> Layer<T> for Head<T> {
         }
     }
 
+    fn forward_backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) -> bool {
+        if !ctx.train {
+            return false;
+        }
+        let (x, rstd) = self.normalize(params, flow, ctx);
+        self.saved = None;
+        let (dx, loss) = self.head_backward(params, grads, (&x, &rstd), ctx);
+        flow.loss = Some(loss);
+        self.dx = Some(dx);
+        true
+    }
+
     fn backward(
         &mut self,
         params: &[&[T]],
@@ -888,53 +961,40 @@ impl<T: Float> Layer<T> for Head<T> {
         flow: &mut Flow<T>,
         ctx: &Ctx,
     ) {
-        let (x, rstd) = self
-            .saved
-            .take()
-            .expect("lm_head: backward without a training forward");
         let rows = ctx.batch.rows();
-        let d = self.d;
-        let normed = sized(&mut self.normed, rows * d);
-        rmsnorm_forward(
-            normed,
-            &mut vec![0f32; rows],
-            &x,
-            params[0],
-            rows,
-            d,
-            self.eps,
-        );
-        let mut dnormed = vec![T::default(); rows * d];
-        lm_head_cross_entropy(
-            &mut dnormed,
-            Some(&mut *grads[1]),
-            normed,
-            params[1],
-            &ctx.batch.labels,
-            rows,
-            d,
-            self.vocab,
-            ctx.grad_scale,
-            &mut self.logits,
-        )
-        .unwrap_or_else(|e| panic!("lm_head: {e}"));
-        let mut dx = vec![T::default(); rows * d];
-        rmsnorm_backward(
-            &mut dx,
-            false,
-            Some(&mut *grads[0]),
-            &dnormed,
-            &x,
-            params[0],
-            &rstd,
-            rows,
-            d,
+        let dx = match self.dx.take() {
+            Some(dx) => dx,
+            None => {
+                let (x, rstd) = self
+                    .saved
+                    .take()
+                    .expect("lm_head: backward without a training forward");
+                // self.normed is the head's own buffer, but recomputing it (elementwise) keeps
+                // backward correct even if an evaluation forward ran in between.
+                let normed = sized(&mut self.normed, rows * self.d);
+                rmsnorm_forward(
+                    normed,
+                    &mut vec![0f32; rows],
+                    &x,
+                    params[0],
+                    rows,
+                    self.d,
+                    self.eps,
+                );
+                self.head_backward(params, grads, (&x, &rstd), ctx).0
+            }
+        };
+        assert_eq!(
+            dx.len(),
+            rows * self.d,
+            "lm_head: backward of another batch than its forward"
         );
         flow.hidden = dx;
     }
 
     fn clear(&mut self) {
         self.saved = None;
+        self.dx = None;
     }
 }
 
@@ -1071,6 +1131,66 @@ mod tests {
         assert_eq!(cfg.layer_sliding_window(0), None);
         assert_eq!(cfg.layer_sliding_window(1), Some(3));
         check_gradients(&cfg, 21);
+    }
+
+    /// `train_forward` + `backward` (the fused head) against `forward` + `backward` (logits
+    /// recomputed in backward): same loss, same gradients, accumulated onto what the buffer held.
+    fn check_fused_matches_unfused(cfg: &ModelConfig, seed: u64) {
+        let mut m = model::<f32>(cfg, seed);
+        let b = batch(cfg.vocab_size, 2, 7, seed + 1);
+        let scale = 0.29;
+        let start: Vec<f32> = (0..m.params.len()).map(|i| (i % 7) as f32 * 0.02).collect();
+        let mut want = start.clone();
+        let plain = m.forward(&b, true, 3);
+        m.backward(&mut want, &b, scale, 3);
+
+        let mut got = start.clone();
+        let fused = m.train_forward(&mut got, &b, scale, 3);
+        // The head's gradients (the tied embedding's included) and only those exist already.
+        let head = m.layers.len() - 1;
+        for slot in m.layout.slots() {
+            let range = slot.range();
+            let in_head = m
+                .layout
+                .layer_slots(head)
+                .any(|s| s.spec.name == slot.spec.name);
+            let moved = got[range.clone()] != start[range.clone()];
+            assert_eq!(moved, in_head, "{} after train_forward", slot.spec.name);
+        }
+        m.backward(&mut got, &b, scale, 3);
+        assert_eq!(fused.tokens, plain.tokens);
+        assert!(
+            (fused.nll - plain.nll).abs() <= 1e-6 * plain.nll,
+            "loss {} vs {}",
+            fused.nll,
+            plain.nll
+        );
+        let max = want.iter().fold(0f32, |a, g| a.max(g.abs()));
+        for slot in m.layout.slots() {
+            for i in slot.range() {
+                assert!(
+                    (got[i] - want[i]).abs() <= 1e-5 * max,
+                    "{}[{}]: fused {} vs unfused {}",
+                    slot.spec.name,
+                    i - slot.range().start,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        let mut both = start.clone();
+        assert_eq!(m.forward_backward(&mut both, &b, scale, 3), fused);
+        assert_eq!(both, got);
+    }
+
+    #[test]
+    fn fused_head_matches_forward_then_backward_tied() {
+        check_fused_matches_unfused(&cfg(LLAMA), 31);
+    }
+
+    #[test]
+    fn fused_head_matches_forward_then_backward_untied_with_dropout() {
+        check_fused_matches_unfused(&cfg_with(QWEN2, "attention_dropout", 0.2.into()), 41);
     }
 
     #[test]

@@ -55,9 +55,64 @@ impl<T: Float> Model<T> {
             .expect("the last layer of a model must report a loss (an LM head)")
     }
 
-    /// Runs every layer backward after `forward(.., train = true, ..)`, accumulating parameter
-    /// gradients into `grads` (one f32 per parameter, same layout as `params`). The loss
-    /// gradient starts from `grad_scale` per summed token loss (e.g. 1 / counted tokens).
+    /// Training forward that also accumulates the last layer's parameter gradients into `grads`
+    /// (see [`Layer::forward_backward`]): the LM head computes its logits once, for the loss and
+    /// the gradients. Follow it with [`Model::backward`] with the same `grad_scale` and seed,
+    /// which completes the gradients; `grad_scale` multiplies the summed token loss, so it must
+    /// be known before forward (e.g. 1 / `batch.label_tokens()`). Falls back to a plain training
+    /// forward when the last layer has no fused path.
+    pub fn train_forward(
+        &mut self,
+        grads: &mut [f32],
+        batch: &Batch,
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) -> LossSum {
+        assert_eq!(grads.len(), self.params.len(), "gradient buffer size");
+        let ctx = Ctx {
+            batch,
+            train: true,
+            dropout_seed,
+            grad_scale,
+        };
+        let mut flow = Flow::default();
+        let last = self
+            .layers
+            .len()
+            .checked_sub(1)
+            .expect("a model has at least its LM head");
+        for i in 0..last {
+            let views = self.layout.layer_views(i, &self.params);
+            self.layers[i].forward(&views, &mut flow, &ctx);
+        }
+        let views = self.layout.layer_views(last, &self.params);
+        let mut gviews = self.layout.layer_views_mut(last, grads);
+        let head = &mut self.layers[last];
+        if !head.forward_backward(&views, &mut gviews, &mut flow, &ctx) {
+            head.forward(&views, &mut flow, &ctx);
+        }
+        flow.loss
+            .expect("the last layer of a model must report a loss (an LM head)")
+    }
+
+    /// One training micro-step: [`Model::train_forward`] then [`Model::backward`]. Returns the
+    /// loss; `grads` accumulates `grad_scale` times the gradient of the summed token loss.
+    pub fn forward_backward(
+        &mut self,
+        grads: &mut [f32],
+        batch: &Batch,
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) -> LossSum {
+        let loss = self.train_forward(grads, batch, grad_scale, dropout_seed);
+        self.backward(grads, batch, grad_scale, dropout_seed);
+        loss
+    }
+
+    /// Runs every layer backward after `forward(.., train = true, ..)` or `train_forward`,
+    /// accumulating parameter gradients into `grads` (one f32 per parameter, same layout as
+    /// `params`). The loss gradient starts from `grad_scale` per summed token loss (e.g. 1 /
+    /// counted tokens).
     pub fn backward(
         &mut self,
         grads: &mut [f32],

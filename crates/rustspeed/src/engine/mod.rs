@@ -30,7 +30,8 @@ use std::ops::Range;
 use rustspeed_config::{DsConfig, Precision};
 use rustspeed_kernels::optim::{clip_coefficient, grad_norm};
 use rustspeed_kernels::Float;
-use rustspeed_models::{Batch, Ctx, Flow, Model};
+use rustspeed_models::params::disjoint_mut;
+use rustspeed_models::{Batch, Ctx, Flow, Layer, Model};
 
 use crate::checkpoint::CheckpointError;
 use crate::loss_scaler::{LossScaleError, LossScaler};
@@ -63,6 +64,8 @@ pub enum EngineError {
     NoLoss { layer: String },
     #[error("backward() was called without a forward() before it")]
     BackwardWithoutForward,
+    #[error("forward() was called again before backward(); the LM head accumulates its gradients during forward, so every forward() must be followed by its backward()")]
+    ForwardWithoutBackward,
     #[error("eval_loss() was called between a training forward() and its backward(); evaluate before forward() or after backward()")]
     EvalDuringStep,
     #[error("train_batch needs gradient_accumulation_steps = {gas} micro-batches per step, but the data ended after {got}")]
@@ -118,7 +121,8 @@ pub struct StepReport {
 struct Pending {
     batch: Batch,
     dropout_seed: u64,
-    tokens: usize,
+    /// The loss gradient's scale, fixed at forward: the LM head has used it already.
+    grad_scale: f32,
 }
 
 pub struct Engine<T: Float> {
@@ -142,6 +146,52 @@ pub struct Engine<T: Float> {
     seed: u64,
     pending: Option<Pending>,
     last_grad_norm: Option<f64>,
+}
+
+/// Calls `f` with layer `i`, its parameter views and its gradient views, as `grads::backward`
+/// hands them out: trainable parameters' views lie in the flat buffer (a tied weight's in its
+/// owner's slot), frozen ones get a zeroed scratch view dropped afterwards.
+fn with_grad_views<T: Float, R>(
+    model: &mut Model<T>,
+    flat: &FlatLayout,
+    grads: &mut [f32],
+    i: usize,
+    f: impl FnOnce(&mut dyn Layer<T>, &[&[T]], &mut [&mut [f32]]) -> R,
+) -> R {
+    let slots = model.layout.slots();
+    let used: Vec<usize> = model
+        .layout
+        .layer_slots(i)
+        .map(|s| {
+            slots
+                .iter()
+                .position(|t| std::ptr::eq(t, s))
+                .expect("layer slots come from the layout")
+        })
+        .collect();
+    let trainable: Vec<_> = used
+        .iter()
+        .filter_map(|&s| flat.slot_flat[s].clone())
+        .collect();
+    let mut flat_views = disjoint_mut(grads, &trainable).into_iter();
+    let mut scratch: Vec<Vec<f32>> = used
+        .iter()
+        .filter(|&&s| flat.slot_flat[s].is_none())
+        .map(|&s| vec![0.0; slots[s].spec.numel()])
+        .collect();
+    let mut scratch_views = scratch.iter_mut();
+    let mut views: Vec<&mut [f32]> = used
+        .iter()
+        .map(|&s| match flat.slot_flat[s] {
+            Some(_) => flat_views.next().expect("one view per trainable slot"),
+            None => scratch_views
+                .next()
+                .expect("one scratch per frozen slot")
+                .as_mut_slice(),
+        })
+        .collect();
+    let params = model.layout.layer_views(i, &model.params);
+    f(model.layers[i].as_mut(), &params, &mut views)
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -236,32 +286,55 @@ impl<T: Float> Engine<T> {
     }
 
     /// Runs the model forward on one micro-batch (training mode) and returns the mean NLL over
-    /// its label tokens (0 when it has none).
+    /// its label tokens (0 when it has none). The loss gradient's scale is known before forward
+    /// (see [`Engine::backward`]), so the LM head computes its logits once, for the loss and its
+    /// gradients together, which land in the gradient buffer now; `backward` must follow.
     pub fn forward(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        if self.pending.is_some() {
+            return Err(EngineError::ForwardWithoutBackward);
+        }
         let seed = dropout_seed(self.seed, self.micro_steps);
+        let tokens = batch.label_tokens();
+        let grad_scale = if tokens == 0 {
+            0.0
+        } else {
+            (self.scaler.loss_scale() / (tokens as f64 * self.gas as f64)) as f32
+        };
         let ctx = Ctx {
             batch,
             train: true,
             dropout_seed: seed,
-            grad_scale: 1.0,
+            grad_scale,
         };
         let model = &mut self.model;
+        let Some(last) = model.layers.len().checked_sub(1) else {
+            return Err(EngineError::NoLoss {
+                layer: String::new(),
+            });
+        };
         let mut flow = Flow::default();
-        for (i, layer) in model.layers.iter_mut().enumerate() {
+        for i in 0..last {
             let views = model.layout.layer_views(i, &model.params);
-            layer.forward(&views, &mut flow, &ctx);
+            model.layers[i].forward(&views, &mut flow, &ctx);
+        }
+        let fused = with_grad_views(model, &self.flat, &mut self.grads, last, |head, p, g| {
+            head.forward_backward(p, g, &mut flow, &ctx)
+        });
+        if !fused {
+            let views = model.layout.layer_views(last, &model.params);
+            model.layers[last].forward(&views, &mut flow, &ctx);
         }
         let loss = flow.loss.ok_or_else(|| EngineError::NoLoss {
-            layer: model
-                .layers
-                .last()
-                .map(|l| l.name().to_string())
-                .unwrap_or_default(),
+            layer: model.layers[last].name().to_string(),
         })?;
+        debug_assert_eq!(
+            loss.tokens, tokens,
+            "the head counts the labels that are not IGNORE_INDEX"
+        );
         self.pending = Some(Pending {
             batch: batch.clone(),
             dropout_seed: seed,
-            tokens: loss.tokens,
+            grad_scale,
         });
         Ok(loss.mean() as f32)
     }
@@ -274,16 +347,11 @@ impl<T: Float> Engine<T> {
             .pending
             .take()
             .ok_or(EngineError::BackwardWithoutForward)?;
-        let grad_scale = if pending.tokens == 0 {
-            0.0
-        } else {
-            (self.scaler.loss_scale() / (pending.tokens as f64 * self.gas as f64)) as f32
-        };
         let ctx = Ctx {
             batch: &pending.batch,
             train: true,
             dropout_seed: pending.dropout_seed,
-            grad_scale,
+            grad_scale: pending.grad_scale,
         };
         grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx);
         Ok(())
@@ -500,5 +568,107 @@ impl<T: Float> Engine<T> {
                 optimizer_states: self.optimizer.spec.memory_kind().fp32_states_per_param(),
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+    use rustspeed_config::{parse, resolve, ResolveOptions};
+    use rustspeed_models::gpt2;
+    use rustspeed_models::hf_config::ModelConfig;
+
+    fn tiny_gpt2<T: Float>(tied: bool) -> Model<T> {
+        let json = format!(
+            r#"{{"model_type": "gpt2", "vocab_size": 13, "n_embd": 8, "n_head": 2, "n_layer": 1,
+                "n_positions": 8, "n_inner": 16, "embd_pdrop": 0.1, "resid_pdrop": 0.0,
+                "attn_pdrop": 0.0, "tie_word_embeddings": {tied}}}"#
+        );
+        let cfg = ModelConfig::from_json_str("tiny gpt2", &json).unwrap();
+        let mut model = gpt2::build::<T>(&cfg).unwrap();
+        gpt2::init_weights(&mut model, &cfg, 3);
+        // Larger than GPT-2's 0.02 so every gradient is well above rounding.
+        for v in &mut model.params {
+            *v = T::from_f32(v.to_f32() * 20.0);
+        }
+        model
+    }
+
+    fn batch() -> Batch {
+        let ids: Vec<u32> = (0..12).map(|i| (i * 5 + 2) % 13).collect();
+        let mut labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        labels[3] = rustspeed_models::IGNORE_INDEX;
+        Batch::from_hf_labels(2, 6, ids, &labels)
+    }
+
+    /// The engine's gradients (fused head in forward, the rest in backward) against the model's
+    /// unfused forward + backward with the engine's scale `loss_scale / (tokens * gas)`.
+    fn check_engine_matches_unfused<T: Float>(
+        tied: bool,
+        precision: &str,
+        loss_scale: f64,
+        tol: f32,
+    ) {
+        let json = format!(
+            r#"{{"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                "optimizer": {{"type": "SGD", "params": {{"lr": 0.1}}}} {precision}}}"#
+        );
+        let config = resolve(&parse(&json, "test").unwrap(), &ResolveOptions::default()).unwrap();
+        let mut reference = tiny_gpt2::<T>(tied);
+        let mut engine =
+            Engine::initialize(tiny_gpt2::<T>(tied), &config, EngineOptions::default()).unwrap();
+        assert_eq!(engine.loss_scale(), loss_scale);
+        let b = batch();
+        let loss = engine.forward(&b).unwrap();
+        assert!(matches!(
+            engine.forward(&b),
+            Err(EngineError::ForwardWithoutBackward)
+        ));
+        engine.backward().unwrap();
+
+        let seed = dropout_seed(EngineOptions::default().seed, 0);
+        let want_loss = reference.forward(&b, true, seed);
+        let scale = loss_scale / (2.0 * b.label_tokens() as f64);
+        let mut want = vec![0f32; reference.params.len()];
+        reference.backward(&mut want, &b, scale as f32, seed);
+        assert!((loss as f64 - want_loss.mean()).abs() < 1e-3 * want_loss.mean());
+        // Every parameter is trainable, so the flat layout is the model's.
+        let got = engine.grads();
+        assert_eq!(got.len(), want.len());
+        let max = want.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(max > 0.0);
+        for slot in engine.model().layout.slots() {
+            for i in slot.range() {
+                assert!(
+                    (got[i] - want[i]).abs() <= tol * max,
+                    "{}[{}]: engine {} vs unfused {}",
+                    slot.spec.name,
+                    i - slot.range().start,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_head_in_forward_gives_the_unfused_gradients_tied_fp32() {
+        check_engine_matches_unfused::<f32>(true, "", 1.0, 1e-5);
+    }
+
+    #[test]
+    fn fused_head_in_forward_gives_the_unfused_gradients_untied_fp32() {
+        check_engine_matches_unfused::<f32>(false, "", 1.0, 1e-5);
+    }
+
+    #[test]
+    fn fused_head_in_forward_carries_the_fp16_loss_scale() {
+        check_engine_matches_unfused::<f16>(
+            true,
+            r#", "fp16": {"enabled": true, "loss_scale": 256}"#,
+            256.0,
+            1e-3,
+        );
     }
 }
