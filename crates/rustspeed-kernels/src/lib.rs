@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod dtype;

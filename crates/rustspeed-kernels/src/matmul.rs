@@ -6,13 +6,18 @@
 //! a large weight is never duplicated whole. A non-f32 destination is staged in f32 and rounded
 //! once. Accumulation is always f32. (f16 takes the same conversion path rather than gemm's own
 //! f16 kernel, so every storage type shares one tested f32 path.)
+//!
+//! Exception: when both operands are bf16 and the CPU has AVX512_BF16, [`crate::bf16_gemm`]
+//! multiplies them as stored with `vdpbf16ps` (still f32 accumulation), several times faster.
 
 use std::any::TypeId;
 use std::borrow::Cow;
 
 use gemm::Parallelism;
+use half::bf16;
 use rayon::prelude::*;
 
+use crate::bf16_gemm;
 use crate::dtype::Float;
 
 /// Below this many multiply-adds the rayon fork/join costs more than it saves.
@@ -56,6 +61,16 @@ pub(crate) fn convert_into<S: Float, D: Float>(dst: &mut [D], src: &[S]) {
         dst.iter_mut()
             .zip(src)
             .for_each(|(d, s)| *d = D::from_f32(s.to_f32()));
+    }
+}
+
+/// Views `s` as bf16 when `T` is bf16, to reach the `vdpbf16ps` path without a copy.
+fn as_bf16<T: Float>(s: &[T]) -> Option<&[bf16]> {
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        // SAFETY: T is bf16, so the slice already is a &[bf16].
+        Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<bf16>(), s.len()) })
+    } else {
+        None
     }
 }
 
@@ -166,6 +181,13 @@ pub fn matmul<A: Float, B: Float, D: Float>(
             dst.fill(D::from_f32(0.0));
         }
         return;
+    }
+    // Both operands bf16 on a CPU with `vdpbf16ps`: multiply them as stored, no f32 copies.
+    if let (Some(a16), Some(b16)) = (as_bf16(a), as_bf16(b)) {
+        if bf16_gemm::available() {
+            bf16_gemm::matmul_bf16(dst, a16, b16, m, k, n, trans_a, trans_b, accumulate);
+            return;
+        }
     }
     let a32 = to_f32_cow(a);
     let (m_i, k_i, n_i) = (m as isize, k as isize, n as isize);
