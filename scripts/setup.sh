@@ -22,7 +22,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: no Rust toolchain found. Install rustup's stable toolchain (Rust >= 1.85), then rerun." >&2
+  echo "setup: no Rust toolchain found. Install rustup's stable toolchain (Rust >= 1.89), then rerun." >&2
   exit 1
 fi
 

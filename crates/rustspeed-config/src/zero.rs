@@ -210,7 +210,11 @@ fn read_block(mut b: Block<'_>) -> Result<ZeroConfig, ConfigError> {
     if let Some(m) = ag {
         z.allgather_bucket_size = b.as_u64(m)?;
         // ZeRO 1/2 assert this in their optimizer (stage_1_and_2.py); stage 3 never reads it.
-        if matches!(stage, 1 | 2) && z.allgather_bucket_size % NCCL_START_ALIGNMENT_FACTOR != 0 {
+        if matches!(stage, 1 | 2)
+            && !z
+                .allgather_bucket_size
+                .is_multiple_of(NCCL_START_ALIGNMENT_FACTOR)
+        {
             return Err(b.invalid(
                 m,
                 format!(

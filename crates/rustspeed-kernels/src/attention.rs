@@ -137,7 +137,7 @@ impl AttnSpec {
     }
 
     fn validate(&self) -> Result<(), AttentionError> {
-        if self.kv_heads == 0 || self.heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || self.heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(AttentionError::Heads {
                 heads: self.heads,
                 kv_heads: self.kv_heads,

@@ -59,7 +59,7 @@ pub enum RopeError {
 
 /// Inverse frequencies `[head_dim / 2]`, computed in f32 exactly as transformers does.
 pub fn inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Vec<f32>, RopeError> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(RopeError::BadHeadDim(head_dim));
     }
     if !theta.is_finite() || theta <= 1.0 {

@@ -795,7 +795,7 @@ impl GgufFile {
         let t = self.tensor_info(name).expect("read above");
         let rows = t.shape()[0];
         let row_len = values.len() / rows;
-        if n_head == 0 || rows % (2 * n_head) != 0 {
+        if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
             return Err(self.tensor_err(
                 name,
                 format!("has {rows} rows, not a multiple of 2 x {n_head} heads"),

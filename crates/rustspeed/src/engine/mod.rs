@@ -359,7 +359,7 @@ impl<T: Float> Engine<T> {
 
     /// DeepSpeed's rule: the micro-step that completes `gradient_accumulation_steps`.
     pub fn is_gradient_accumulation_boundary(&self) -> bool {
-        (self.micro_steps + 1) % self.gas == 0
+        (self.micro_steps + 1).is_multiple_of(self.gas)
     }
 
     /// Call after every backward; steps the optimizer at the accumulation boundary only
@@ -408,7 +408,7 @@ impl<T: Float> Engine<T> {
         self.global_steps += 1;
         self.global_samples += self.config.train_batch_size();
         if let Some(every) = self.config.steps_per_print.filter(|&n| n > 0) {
-            if self.global_steps % every == 0 {
+            if self.global_steps.is_multiple_of(every) {
                 tracing::info!(
                     "step={}, skipped={}, lr={:?}, grad_norm={grad_norm}, loss_scale={loss_scale}",
                     self.global_steps,
