@@ -30,6 +30,7 @@ use rustspeed_kernels::Float;
 
 use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig};
+use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::model::Model;
 use crate::params::ParamSpec;
@@ -192,53 +193,11 @@ pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64
             } else {
                 RANGE
             };
-            let mut rng = NormalRng::new(seed, name);
+            let mut rng = NormalRng::new(seed ^ name_hash(name).rotate_left(17));
             for v in values.iter_mut() {
-                *v = T::from_f32((rng.next() * std) as f32);
+                *v = T::from_f32((rng.normal() * std) as f32);
             }
         }
-    }
-}
-
-/// A standard normal generator: splitmix64 + Box-Muller (both outputs used).
-struct NormalRng {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl NormalRng {
-    fn new(seed: u64, name: &str) -> Self {
-        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-        for b in name.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
-        }
-        NormalRng {
-            state: seed ^ h.rotate_left(17),
-            spare: None,
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    fn next(&mut self) -> f64 {
-        if let Some(v) = self.spare.take() {
-            return v;
-        }
-        let r = (-2.0 * self.uniform().ln()).sqrt();
-        let theta = 2.0 * std::f64::consts::PI * self.uniform();
-        self.spare = Some(r * theta.sin());
-        r * theta.cos()
     }
 }
 
@@ -983,11 +942,11 @@ mod tests {
     /// Weights large enough that attention, GELU and LayerNorm are far from linear.
     fn random_model(cfg: &ModelConfig, seed: u64) -> Model<f32> {
         let mut model = build::<f32>(cfg).unwrap();
-        let mut rng = NormalRng::new(seed, "test");
+        let mut rng = NormalRng::new(seed ^ name_hash("test").rotate_left(17));
         for slot in model.layout.slots().to_vec() {
             let norm_weight = slot.spec.name.contains(".ln_") && slot.spec.name.ends_with("weight");
             for v in &mut model.params[slot.range()] {
-                let r = rng.next() as f32;
+                let r = rng.normal() as f32;
                 *v = if norm_weight { 1.0 + 0.2 * r } else { 0.4 * r };
             }
         }

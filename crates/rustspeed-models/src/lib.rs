@@ -5,6 +5,7 @@ pub mod export;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf_config;
+pub mod init;
 pub mod layer;
 pub mod llama;
 pub mod loader;

@@ -38,6 +38,7 @@ use rustspeed_kernels::Float;
 
 use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig, RopeScaling};
+use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::model::Model;
 use crate::params::ParamSpec;
@@ -175,55 +176,11 @@ pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64
         } else if name.ends_with(".bias") {
             values.fill(T::from_f32(0.0));
         } else {
-            let mut rng = Normal::new(seed ^ fnv1a(name));
+            let mut rng = NormalRng::new(seed ^ name_hash(name));
             for v in values.iter_mut() {
-                *v = T::from_f32(rng.next() as f32 * INITIALIZER_RANGE);
+                *v = T::from_f32(rng.normal() as f32 * INITIALIZER_RANGE);
             }
         }
-    }
-}
-
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Standard normals from splitmix64 + Box-Muller.
-struct Normal {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl Normal {
-    fn new(seed: u64) -> Self {
-        Normal {
-            state: seed,
-            spare: None,
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    fn next(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let r = (-2.0 * self.uniform().ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * self.uniform();
-        self.spare = Some(r * angle.sin());
-        r * angle.cos()
     }
 }
 
@@ -1036,12 +993,12 @@ mod tests {
     /// Random weights big enough that every path matters (norm weights around 1).
     fn model<T: Float>(cfg: &ModelConfig, seed: u64) -> Model<T> {
         let mut m = build::<T>(cfg).unwrap();
-        let mut rng = Normal::new(seed);
+        let mut rng = NormalRng::new(seed);
         let slots: Vec<_> = m.layout.slots().to_vec();
         for slot in slots {
             let norm = slot.spec.name.ends_with("norm.weight");
             for v in &mut m.params[slot.range()] {
-                let z = rng.next() as f32;
+                let z = rng.normal() as f32;
                 *v = T::from_f32(if norm { 1.0 + 0.1 * z } else { 0.3 * z });
             }
         }
@@ -1049,7 +1006,7 @@ mod tests {
     }
 
     fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> Batch {
-        let mut rng = Normal::new(seed);
+        let mut rng = NormalRng::new(seed);
         let ids: Vec<u32> = (0..b * t)
             .map(|_| (rng.next_u64() % vocab as u64) as u32)
             .collect();
@@ -1091,7 +1048,7 @@ mod tests {
         let mut grads = vec![0f32; m.params.len()];
         m.backward(&mut grads, &b, 1.0 / loss.tokens as f32, 0);
         let eps = 1e-2f32;
-        let mut rng = Normal::new(seed + 2);
+        let mut rng = NormalRng::new(seed + 2);
         let slots: Vec<_> = m.layout.slots().to_vec();
         for slot in slots {
             let range = slot.range();
