@@ -28,11 +28,19 @@ pub fn ids(text: &str) -> Vec<u32> {
     toy(text, false)
 }
 
-/// A fresh directory per test under Cargo's scratch space.
+/// A fresh directory per call under Cargo's scratch space. Unique per call: tests run in
+/// parallel and several of them go through the same helper (one shared name raced).
 pub fn scratch(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let unique = format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("rustspeed-data")
-        .join(name);
+        .join(unique);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
