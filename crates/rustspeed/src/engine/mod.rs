@@ -30,8 +30,7 @@ use std::ops::Range;
 use rustspeed_config::{DsConfig, Precision};
 use rustspeed_kernels::optim::{clip_coefficient, grad_norm};
 use rustspeed_kernels::Float;
-use rustspeed_models::params::disjoint_mut;
-use rustspeed_models::{Batch, Ctx, Flow, Layer, Model};
+use rustspeed_models::{Batch, Ctx, Flow, Model};
 
 use crate::checkpoint::CheckpointError;
 use crate::loss_scaler::{LossScaleError, LossScaler};
@@ -146,52 +145,6 @@ pub struct Engine<T: Float> {
     seed: u64,
     pending: Option<Pending>,
     last_grad_norm: Option<f64>,
-}
-
-/// Calls `f` with layer `i`, its parameter views and its gradient views, as `grads::backward`
-/// hands them out: trainable parameters' views lie in the flat buffer (a tied weight's in its
-/// owner's slot), frozen ones get a zeroed scratch view dropped afterwards.
-fn with_grad_views<T: Float, R>(
-    model: &mut Model<T>,
-    flat: &FlatLayout,
-    grads: &mut [f32],
-    i: usize,
-    f: impl FnOnce(&mut dyn Layer<T>, &[&[T]], &mut [&mut [f32]]) -> R,
-) -> R {
-    let slots = model.layout.slots();
-    let used: Vec<usize> = model
-        .layout
-        .layer_slots(i)
-        .map(|s| {
-            slots
-                .iter()
-                .position(|t| std::ptr::eq(t, s))
-                .expect("layer slots come from the layout")
-        })
-        .collect();
-    let trainable: Vec<_> = used
-        .iter()
-        .filter_map(|&s| flat.slot_flat[s].clone())
-        .collect();
-    let mut flat_views = disjoint_mut(grads, &trainable).into_iter();
-    let mut scratch: Vec<Vec<f32>> = used
-        .iter()
-        .filter(|&&s| flat.slot_flat[s].is_none())
-        .map(|&s| vec![0.0; slots[s].spec.numel()])
-        .collect();
-    let mut scratch_views = scratch.iter_mut();
-    let mut views: Vec<&mut [f32]> = used
-        .iter()
-        .map(|&s| match flat.slot_flat[s] {
-            Some(_) => flat_views.next().expect("one view per trainable slot"),
-            None => scratch_views
-                .next()
-                .expect("one scratch per frozen slot")
-                .as_mut_slice(),
-        })
-        .collect();
-    let params = model.layout.layer_views(i, &model.params);
-    f(model.layers[i].as_mut(), &params, &mut views)
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -317,9 +270,10 @@ impl<T: Float> Engine<T> {
             let views = model.layout.layer_views(i, &model.params);
             model.layers[i].forward(&views, &mut flow, &ctx);
         }
-        let fused = with_grad_views(model, &self.flat, &mut self.grads, last, |head, p, g| {
-            head.forward_backward(p, g, &mut flow, &ctx)
-        });
+        let fused =
+            grads::with_grad_views(model, &self.flat, &mut self.grads, last, |head, p, g| {
+                head.forward_backward(p, g, &mut flow, &ctx)
+            });
         if !fused {
             let views = model.layout.layer_views(last, &model.params);
             model.layers[last].forward(&views, &mut flow, &ctx);
