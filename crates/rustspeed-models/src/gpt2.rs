@@ -167,17 +167,16 @@ pub fn name_rules(cfg: &ModelConfig) -> NameRules {
     }
 }
 
-/// HF's `GPT2PreTrainedModel._init_weights` with `initializer_range` 0.02 (the value of every
-/// published GPT-2 config; `ModelConfig` does not carry it): weights of Conv1D, Linear and
-/// Embedding ~ N(0, 0.02), biases 0, LayerNorm weight 1, and every `c_proj.weight` ~
-/// N(0, 0.02 / sqrt(2 * n_layer)).
+/// HF's `GPT2PreTrainedModel._init_weights` with the config's `initializer_range` r (0.02 in
+/// every published GPT-2 config): weights of Conv1D, Linear and Embedding ~ N(0, r), biases 0,
+/// LayerNorm weight 1, and every `c_proj.weight` ~ N(0, r / sqrt(2 * n_layer)).
 ///
 /// The generator: each parameter draws from its own splitmix64 stream seeded by `seed` and an
 /// FNV-1a hash of its name, through Box-Muller on 53-bit uniforms; so a parameter's values do
 /// not depend on which other parameters exist or in which order they are initialised.
 pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64) {
-    const RANGE: f64 = 0.02;
-    let proj_std = RANGE / (2.0 * cfg.num_hidden_layers.max(1) as f64).sqrt();
+    let range = cfg.initializer_range;
+    let proj_std = range / (2.0 * cfg.num_hidden_layers.max(1) as f64).sqrt();
     let slots: Vec<_> = model.layout.slots().to_vec();
     for slot in slots {
         let name = slot.spec.name.as_str();
@@ -191,7 +190,7 @@ pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64
             let std = if name.ends_with("c_proj.weight") {
                 proj_std
             } else {
-                RANGE
+                range
             };
             let mut rng = NormalRng::new(seed ^ name_hash(name).rotate_left(17));
             for v in values.iter_mut() {

@@ -200,6 +200,8 @@ pub struct ModelConfig {
     /// Llama 3 configs list several end-of-sequence tokens.
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// Standard deviation of the normal weight initialisation (HF `initializer_range`).
+    pub initializer_range: f64,
 }
 
 /// One torch module's direct parameters, as DeepSpeed's `model.modules()` walk sees them.
@@ -680,6 +682,7 @@ fn parse_gpt2(r: &Reader, dtype: Option<DType>) -> Result<ModelConfig, HfConfigE
         bos_token_id: r.token_id("bos_token_id", Some(50256))?,
         eos_token_ids: r.token_ids("eos_token_id", Some(50256))?,
         pad_token_id: r.token_id("pad_token_id", None)?,
+        initializer_range: r.positive("initializer_range", 0.02)?,
     })
 }
 
@@ -810,6 +813,7 @@ fn parse_llama_family(
         bos_token_id: r.token_id("bos_token_id", defaults.bos)?,
         eos_token_ids: r.token_ids("eos_token_id", defaults.eos)?,
         pad_token_id: r.token_id("pad_token_id", None)?,
+        initializer_range: r.positive("initializer_range", 0.02)?,
     })
 }
 

@@ -44,10 +44,6 @@ use crate::model::Model;
 use crate::params::ParamSpec;
 use crate::weights::{load_hf_weights, NameRules};
 
-/// HF's `initializer_range` default for all three architectures (config.json's value is not
-/// carried by [`ModelConfig`]).
-pub const INITIALIZER_RANGE: f32 = 0.02;
-
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
 const LM_HEAD: &str = "lm_head.weight";
@@ -155,7 +151,7 @@ pub fn load_pretrained<T: Float>(dir: &Path) -> Result<(ModelConfig, Model<T>), 
     Ok((cfg, model))
 }
 
-/// HF's `_init_weights`: Linear and Embedding weights ~ N(0, [`INITIALIZER_RANGE`]), biases 0,
+/// HF's `_init_weights`: Linear and Embedding weights ~ N(0, `cfg.initializer_range`), biases 0,
 /// RMSNorm weights 1.
 ///
 /// The normal draws are deterministic: each tensor gets its own splitmix64 stream seeded from
@@ -178,7 +174,7 @@ pub fn init_weights<T: Float>(model: &mut Model<T>, cfg: &ModelConfig, seed: u64
         } else {
             let mut rng = NormalRng::new(seed ^ name_hash(name));
             for v in values.iter_mut() {
-                *v = T::from_f32(rng.normal() as f32 * INITIALIZER_RANGE);
+                *v = T::from_f32(rng.normal() as f32 * cfg.initializer_range as f32);
             }
         }
     }

@@ -430,3 +430,26 @@ fn bad_values_name_key_and_value() {
     let msg = err_text("{\"model_type\": ");
     assert!(msg.contains("not valid JSON"), "{msg}");
 }
+
+#[test]
+fn initializer_range_is_read_with_hf_default() {
+    let default = ModelConfig::from_json_str(
+        "config.json",
+        r#"{"model_type": "llama", "hidden_size": 16, "num_attention_heads": 2,
+            "num_hidden_layers": 1, "intermediate_size": 32, "vocab_size": 10}"#,
+    )
+    .unwrap();
+    assert_eq!(default.initializer_range, 0.02);
+    let set = ModelConfig::from_json_str(
+        "config.json",
+        r#"{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 1, "vocab_size": 10,
+            "initializer_range": 0.05}"#,
+    )
+    .unwrap();
+    assert_eq!(set.initializer_range, 0.05);
+    let mut model = rustspeed_models::gpt2::build::<f32>(&set).unwrap();
+    rustspeed_models::gpt2::init_weights(&mut model, &set, 3);
+    let wte = model.param("transformer.wte.weight").unwrap();
+    let std = (wte.iter().map(|v| v * v).sum::<f32>() / wte.len() as f32).sqrt();
+    assert!((std - 0.05).abs() < 0.01, "std {std}");
+}
