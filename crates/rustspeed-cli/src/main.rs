@@ -30,6 +30,8 @@ enum Command {
     Estimate(commands::estimate::Args),
     /// Causal-LM loss and perplexity of a model (HF directory or .gguf) on a text file.
     Eval(commands::eval::Args),
+    /// Fine-tune a model on a data file with a DeepSpeed config (HF Trainer-style flags).
+    Train(Box<commands::train::Args>),
 }
 
 #[derive(Subcommand)]
@@ -45,6 +47,7 @@ fn main() {
         Command::Config(ConfigCommand::Check(args)) => commands::config_check::run(args),
         Command::Estimate(args) => commands::estimate::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Train(args) => commands::train::run(*args),
     };
     if let Err(err) = result {
         std::process::exit(exit::report(&err));

@@ -3,3 +3,4 @@
 pub mod config_check;
 pub mod estimate;
 pub mod eval;
+pub mod train;

@@ -1,0 +1,264 @@
+//! `rustspeed train` end to end on the tiny random GPT-2 of tests/golden/eval (it has a
+//! tokenizer): metrics per step, the exported model, exact resume, and exit 2 on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/eval")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rustspeed-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// 24 short texts of a small vocabulary, and a config whose batch, optimizer and scheduler
+/// values are all "auto" (filled from the flags).
+fn inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "to",
+        "be",
+    ];
+    let mut lines = String::new();
+    for i in 0..24usize {
+        let text: Vec<&str> = (0..12)
+            .map(|j| words[(i * 7 + j * 5) % words.len()])
+            .collect();
+        lines += &serde_json::json!({ "text": text.join(" ") }).to_string();
+        lines.push('\n');
+    }
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let ds = dir.join("ds.json");
+    let config = serde_json::json!({
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_num_steps": "auto", "total_num_steps": "auto", "warmup_max_lr": "auto"}}
+    });
+    std::fs::write(&ds, config.to_string()).unwrap();
+    (data, ds)
+}
+
+fn train(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = model_dir();
+    let mut args: Vec<&str> = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--deepspeed",
+        ds.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--per-device-train-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--weight-decay",
+        "0.01",
+        "--max-grad-norm",
+        "1.0",
+        "--warmup-steps",
+        "2",
+        "--max-steps",
+        "6",
+        "--block-size",
+        "16",
+        "--logging-steps",
+        "2",
+        "--save-steps",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn run_writes_metrics_per_step_checkpoints_and_a_loadable_model() {
+    let dir = tempdir("run");
+    let (data, ds) = inputs(&dir);
+    let out = dir.join("out");
+    let result = train(&data, &ds, &out, &[]);
+    assert_ok(&result);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("step 2: loss"), "no log line: {stderr}");
+    assert!(
+        !stderr.contains("step 3: loss"),
+        "logged off-schedule: {stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("trained 6 steps"), "summary: {stdout}");
+
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 6);
+    let fields = [
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "loss_scale",
+        "skipped",
+        "tokens",
+        "tokens_per_second",
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        let obj = line.as_object().unwrap();
+        assert_eq!(obj.len(), fields.len(), "{line}");
+        for f in fields {
+            assert!(obj.contains_key(f), "{f} missing in {line}");
+        }
+        assert_eq!(line["step"].as_u64(), Some(i as u64 + 1));
+        // Packed blocks of 16 tokens, 4 per step.
+        assert_eq!(line["tokens"].as_u64(), Some(64));
+        assert_eq!(line["skipped"], Value::Bool(false));
+        assert!(line["loss"].as_f64().unwrap().is_finite());
+    }
+    // WarmupDecayLR with 2 warmup steps of 6 (linear warmup from 0, then linear decay).
+    let lr: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    assert!(lr[0] < lr[2] && (lr[2] - 1e-3).abs() < 1e-12, "{lr:?}");
+    assert!(lr[5] < lr[3], "{lr:?}");
+    let (first, last) = (
+        lines[0]["loss"].as_f64().unwrap(),
+        lines[5]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+
+    assert!(out.join("checkpoint-3").is_dir() && out.join("checkpoint-6").is_dir());
+    let source = rustspeed_models::loader::load_model::<f32>(&model_dir()).unwrap();
+    let final_model = rustspeed_models::loader::load_model::<f32>(&out.join("final")).unwrap();
+    assert_eq!(
+        final_model.model.layout.numel(),
+        source.model.layout.numel()
+    );
+    assert!(final_model.tokenizer.is_some());
+    assert_ne!(
+        final_model.model.params, source.model.params,
+        "weights unchanged"
+    );
+}
+
+#[test]
+fn resumed_run_matches_an_uninterrupted_one() {
+    let dir = tempdir("resume");
+    let (data, ds) = inputs(&dir);
+    let straight = dir.join("straight");
+    assert_ok(&train(&data, &ds, &straight, &[]));
+
+    // An interrupted run: everything after the step-3 checkpoint is lost.
+    let resumed = dir.join("resumed");
+    assert_ok(&train(&data, &ds, &resumed, &[]));
+    std::fs::remove_dir_all(resumed.join("checkpoint-6")).unwrap();
+    std::fs::remove_dir_all(resumed.join("final")).unwrap();
+    let ckpt = resumed.join("checkpoint-3");
+    assert_ok(&train(
+        &data,
+        &ds,
+        &resumed,
+        &["--resume-from-checkpoint", ckpt.to_str().unwrap()],
+    ));
+    let (a, b) = (metrics(&straight), metrics(&resumed));
+    assert_eq!(b.len(), 6, "metrics after resume: {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["step", "loss", "lr", "grad_norm", "tokens"] {
+            assert_eq!(x[key], y[key], "{key}: {x} vs {y}");
+        }
+    }
+    // Without a value: the newest checkpoint of the output dir (step 6: nothing left to do).
+    let again = train(&data, &ds, &resumed, &["--resume-from-checkpoint"]);
+    assert_ok(&again);
+    assert_eq!(metrics(&resumed).len(), 6);
+}
+
+#[test]
+fn bad_record_exits_2_naming_file_and_line() {
+    let dir = tempdir("bad");
+    let (data, ds) = inputs(&dir);
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text += "{\"text\": \"fine\"}\n{\"text\": 3\n";
+    std::fs::write(&data, text).unwrap();
+    let out = train(&data, &ds, &dir.join("out"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let at = format!("{}:26", data.display());
+    assert!(stderr.contains(&at), "expected {at} in: {stderr}");
+}
+
+#[test]
+fn flag_contradicting_the_config_exits_2() {
+    let dir = tempdir("mismatch");
+    let (data, ds) = inputs(&dir);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    config["train_micro_batch_size_per_gpu"] = Value::from(4);
+    std::fs::write(&ds, config.to_string()).unwrap();
+    let out = train(&data, &ds, &dir.join("out"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("train_micro_batch_size_per_gpu")
+            && stderr.contains("--per-device-train-batch-size"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn precision_flag_the_config_does_not_take_exits_2() {
+    let dir = tempdir("bf16");
+    let (data, ds) = inputs(&dir);
+    let out = train(&data, &ds, &dir.join("out"), &["--bf16"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--bf16") && stderr.contains("bf16.enabled"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bf16_run_trains_and_exports_bf16() {
+    let dir = tempdir("bf16-run");
+    let (data, ds) = inputs(&dir);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    config["bf16"] = serde_json::json!({"enabled": "auto"});
+    std::fs::write(&ds, config.to_string()).unwrap();
+    let out = dir.join("out");
+    assert_ok(&train(&data, &ds, &out, &["--bf16"]));
+    assert_eq!(metrics(&out).len(), 6);
+    let exported: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap())
+            .unwrap();
+    let text = exported.to_string();
+    assert!(text.contains("bfloat16"), "{text}");
+}
