@@ -630,10 +630,12 @@ fn unsupported_keys_are_those_set_to_non_defaults() {
             "zero_optimization.zero_quantized_weights",
         ]
     );
-    assert!(cfg
-        .planned_keys()
+    let planned = cfg.planned_keys();
+    assert!(planned
         .iter()
-        .any(|(k, i)| k == "fp16.loss_scale_window" && *i == 4));
+        .any(|(k, i)| k == "zero_optimization.stage" && *i == 6));
+    // fp16 loss scaling is implemented by the engine (issue 4): neither planned nor refused.
+    assert!(!planned.iter().any(|(k, _)| k == "fp16.loss_scale_window"));
     let cfg = resolve_text(&with(
         r#""optimizer": {"type": "OneBitAdam", "params": {"freeze_step": 10}}"#,
     ))

@@ -73,16 +73,27 @@ impl OptimizerSpec {
                     adam_w_mode: p.adam_w_mode,
                 })
             }
-            OptimizerBlock::Lamb(p) => OptimizerSpec::Lamb(optim::LambParams {
-                lr: p.lr,
-                bias_correction: p.bias_correction,
-                betas: (p.betas[0], p.betas[1]),
-                eps: p.eps,
-                eps_inside_sqrt: p.eps_inside_sqrt,
-                weight_decay: p.weight_decay,
-                max_coeff: p.max_coeff,
-                min_coeff: p.min_coeff,
-            }),
+            OptimizerBlock::Lamb(p) => {
+                // FusedLamb's own clipping is not implemented; silently skipping it would train
+                // with different gradients than asked for.
+                if p.max_grad_norm != 0.0 {
+                    return Err(OptimizerError::UnsupportedParam {
+                        key: "max_grad_norm",
+                        value: p.max_grad_norm.to_string(),
+                        expected: "0 (use the top-level gradient_clipping instead)",
+                    });
+                }
+                OptimizerSpec::Lamb(optim::LambParams {
+                    lr: p.lr,
+                    bias_correction: p.bias_correction,
+                    betas: (p.betas[0], p.betas[1]),
+                    eps: p.eps,
+                    eps_inside_sqrt: p.eps_inside_sqrt,
+                    weight_decay: p.weight_decay,
+                    max_coeff: p.max_coeff,
+                    min_coeff: p.min_coeff,
+                })
+            }
             OptimizerBlock::Lion(p) => OptimizerSpec::Lion(optim::LionParams {
                 lr: p.lr,
                 betas: (p.betas[0], p.betas[1]),
