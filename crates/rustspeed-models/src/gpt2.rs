@@ -923,6 +923,7 @@ impl<T: Float> Layer<T> for Head<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fused_check::assert_fused_matches_unfused;
     use half::bf16;
 
     /// A tiny GPT-2: vocab 11, n_embd 8, 2 heads, 2 layers, 8 positions, n_inner 16.
@@ -1016,58 +1017,12 @@ mod tests {
         })));
     }
 
-    /// `train_forward` + `backward` (the fused head) against `forward` + `backward` (logits
-    /// recomputed in backward): same loss, same gradients, accumulated onto what the buffer held.
     fn check_fused_matches_unfused(cfg: &ModelConfig) {
         let mut model = random_model(cfg, 7);
-        let batch = batch();
-        let (seed, scale) = (5, 0.37);
         let start: Vec<f32> = (0..model.params.len())
             .map(|i| (i % 13) as f32 * 0.01)
             .collect();
-        let mut want = start.clone();
-        let plain = model.forward(&batch, true, seed);
-        model.backward(&mut want, &batch, scale, seed);
-
-        let mut got = start.clone();
-        let fused = model.train_forward(&mut got, &batch, scale, seed);
-        // The head's gradients (and only the head's) are complete before backward.
-        let head = model.layers.len() - 1;
-        for slot in model.layout.slots() {
-            let range = slot.range();
-            let in_head = model
-                .layout
-                .layer_slots(head)
-                .any(|s| s.spec.name == slot.spec.name);
-            let moved = got[range.clone()] != start[range.clone()];
-            assert_eq!(moved, in_head, "{} after train_forward", slot.spec.name);
-        }
-        model.backward(&mut got, &batch, scale, seed);
-        assert_eq!(fused.tokens, plain.tokens);
-        assert!(
-            (fused.nll - plain.nll).abs() <= 1e-6 * plain.nll,
-            "loss {} vs {}",
-            fused.nll,
-            plain.nll
-        );
-        let max = want.iter().fold(0f32, |m, g| m.max(g.abs()));
-        for slot in model.layout.slots() {
-            for i in slot.range() {
-                assert!(
-                    (got[i] - want[i]).abs() <= 1e-5 * max,
-                    "{}[{}]: fused {} vs unfused {}",
-                    slot.spec.name,
-                    i - slot.range().start,
-                    got[i],
-                    want[i]
-                );
-            }
-        }
-        // One call does both halves.
-        let mut both = start.clone();
-        let loss = model.forward_backward(&mut both, &batch, scale, seed);
-        assert_eq!(loss, fused);
-        assert_eq!(both, got);
+        assert_fused_matches_unfused(&mut model, &batch(), &start, 0.37, 5);
     }
 
     #[test]

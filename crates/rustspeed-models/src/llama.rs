@@ -954,6 +954,7 @@ impl<T: Float> Layer<T> for Head<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fused_check::assert_fused_matches_unfused;
     use half::bf16;
 
     /// LLaMA with every optional bias and tied embeddings.
@@ -1086,54 +1087,11 @@ mod tests {
         check_gradients(&cfg, 21);
     }
 
-    /// `train_forward` + `backward` (the fused head) against `forward` + `backward` (logits
-    /// recomputed in backward): same loss, same gradients, accumulated onto what the buffer held.
     fn check_fused_matches_unfused(cfg: &ModelConfig, seed: u64) {
         let mut m = model::<f32>(cfg, seed);
         let b = batch(cfg.vocab_size, 2, 7, seed + 1);
-        let scale = 0.29;
         let start: Vec<f32> = (0..m.params.len()).map(|i| (i % 7) as f32 * 0.02).collect();
-        let mut want = start.clone();
-        let plain = m.forward(&b, true, 3);
-        m.backward(&mut want, &b, scale, 3);
-
-        let mut got = start.clone();
-        let fused = m.train_forward(&mut got, &b, scale, 3);
-        // The head's gradients (the tied embedding's included) and only those exist already.
-        let head = m.layers.len() - 1;
-        for slot in m.layout.slots() {
-            let range = slot.range();
-            let in_head = m
-                .layout
-                .layer_slots(head)
-                .any(|s| s.spec.name == slot.spec.name);
-            let moved = got[range.clone()] != start[range.clone()];
-            assert_eq!(moved, in_head, "{} after train_forward", slot.spec.name);
-        }
-        m.backward(&mut got, &b, scale, 3);
-        assert_eq!(fused.tokens, plain.tokens);
-        assert!(
-            (fused.nll - plain.nll).abs() <= 1e-6 * plain.nll,
-            "loss {} vs {}",
-            fused.nll,
-            plain.nll
-        );
-        let max = want.iter().fold(0f32, |a, g| a.max(g.abs()));
-        for slot in m.layout.slots() {
-            for i in slot.range() {
-                assert!(
-                    (got[i] - want[i]).abs() <= 1e-5 * max,
-                    "{}[{}]: fused {} vs unfused {}",
-                    slot.spec.name,
-                    i - slot.range().start,
-                    got[i],
-                    want[i]
-                );
-            }
-        }
-        let mut both = start.clone();
-        assert_eq!(m.forward_backward(&mut both, &b, scale, 3), fused);
-        assert_eq!(both, got);
+        assert_fused_matches_unfused(&mut m, &b, &start, 0.29, 3);
     }
 
     #[test]

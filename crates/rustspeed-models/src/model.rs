@@ -136,3 +136,63 @@ impl<T: Float> Model<T> {
         }
     }
 }
+
+/// Test support shared by the architectures: the fused head against the unfused path.
+#[cfg(test)]
+pub(crate) mod fused_check {
+    use super::Model;
+    use crate::layer::Batch;
+
+    /// `train_forward` + `backward` (the fused head) against `forward` + `backward` (logits
+    /// recomputed in backward): same loss, same gradients, accumulated onto `start`, which the
+    /// gradient buffer holds beforehand; and `forward_backward` equals the two calls.
+    pub(crate) fn assert_fused_matches_unfused(
+        model: &mut Model<f32>,
+        batch: &Batch,
+        start: &[f32],
+        scale: f32,
+        seed: u64,
+    ) {
+        let mut want = start.to_vec();
+        let plain = model.forward(batch, true, seed);
+        model.backward(&mut want, batch, scale, seed);
+
+        let mut got = start.to_vec();
+        let fused = model.train_forward(&mut got, batch, scale, seed);
+        // The head's gradients (the tied embedding's included), and only those, exist already.
+        let head = model.layers.len() - 1;
+        for slot in model.layout.slots() {
+            let range = slot.range();
+            let in_head = model
+                .layout
+                .layer_slots(head)
+                .any(|s| s.spec.name == slot.spec.name);
+            let moved = got[range.clone()] != start[range.clone()];
+            assert_eq!(moved, in_head, "{} after train_forward", slot.spec.name);
+        }
+        model.backward(&mut got, batch, scale, seed);
+        assert_eq!(fused.tokens, plain.tokens);
+        assert!(
+            (fused.nll - plain.nll).abs() <= 1e-6 * plain.nll,
+            "loss {} vs {}",
+            fused.nll,
+            plain.nll
+        );
+        let max = want.iter().fold(0f32, |m, g| m.max(g.abs()));
+        for slot in model.layout.slots() {
+            for i in slot.range() {
+                assert!(
+                    (got[i] - want[i]).abs() <= 1e-5 * max,
+                    "{}[{}]: fused {} vs unfused {}",
+                    slot.spec.name,
+                    i - slot.range().start,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        let mut both = start.to_vec();
+        assert_eq!(model.forward_backward(&mut both, batch, scale, seed), fused);
+        assert_eq!(both, got);
+    }
+}
