@@ -1,5 +1,7 @@
 //! DeepSpeed's learning-rate schedules (deepspeed/runtime/lr_schedules.py): WarmupLR,
-//! WarmupDecayLR, WarmupCosineLR, OneCycle (with beta1 cycling) and LRRangeTest.
+//! WarmupDecayLR, WarmupCosineLR, OneCycle (with beta1 cycling) and LRRangeTest; plus HF
+//! Trainer's own schedules (`--lr-scheduler-type`), which HF uses when the DeepSpeed config has
+//! no `scheduler` block.
 //!
 //! Order of events, as in DeepSpeed: `last_batch_iteration` starts at -1 and construction
 //! already sets the minimum LR, so the first optimizer step runs at it; the engine calls
@@ -188,6 +190,59 @@ pub enum LrScheduleParams {
     WarmupCosineLr(WarmupCosineLrParams),
     OneCycle(OneCycleParams),
     LrRangeTest(LrRangeTestParams),
+    /// HF Trainer's `get_scheduler(name, num_warmup_steps, num_training_steps)`.
+    Hf(HfScheduleParams),
+}
+
+/// HF Trainer's `lr_scheduler_type` values that rustspeed implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfScheduleType {
+    /// Linear warmup from 0, then linear decay to 0 at the last step (HF's default).
+    Linear,
+    /// Linear warmup, then half a cosine wave down to 0.
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+}
+
+impl HfScheduleType {
+    pub const NAMES: [&'static str; 4] = ["linear", "cosine", "constant", "constant_with_warmup"];
+
+    pub fn parse(name: &str) -> Option<HfScheduleType> {
+        Some(match name {
+            "linear" => HfScheduleType::Linear,
+            "cosine" => HfScheduleType::Cosine,
+            "constant" => HfScheduleType::Constant,
+            "constant_with_warmup" => HfScheduleType::ConstantWithWarmup,
+            _ => return None,
+        })
+    }
+
+    /// The factor on the base lr at optimizer step `step` (0-based), transformers'
+    /// `optimization.py` lambdas.
+    pub fn factor(self, step: u64, warmup: u64, total: u64) -> f64 {
+        let warming = step < warmup && self != HfScheduleType::Constant;
+        if warming {
+            return step as f64 / warmup.max(1) as f64;
+        }
+        match self {
+            HfScheduleType::Constant | HfScheduleType::ConstantWithWarmup => 1.0,
+            HfScheduleType::Linear => (total.saturating_sub(step) as f64
+                / total.saturating_sub(warmup).max(1) as f64)
+                .max(0.0),
+            HfScheduleType::Cosine => {
+                let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HfScheduleParams {
+    pub kind: HfScheduleType,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
 }
 
 /// DeepSpeed raises `ValueError` for these; the messages keep its wording.
@@ -246,6 +301,10 @@ enum Kind {
         step_size: i64,
         step_rate: f64,
         staircase: bool,
+    },
+    Hf {
+        base: Vec<f64>,
+        params: HfScheduleParams,
     },
 }
 
@@ -344,6 +403,10 @@ impl LrScheduler {
                 }
             }
             LrScheduleParams::OneCycle(p) => Self::one_cycle(p, groups, optimizer_has_betas)?,
+            LrScheduleParams::Hf(p) => Kind::Hf {
+                base: base_lrs.to_vec(),
+                params: *p,
+            },
             LrScheduleParams::LrRangeTest(p) => {
                 if groups == 0 {
                     return Err(LrScheduleError::NoGroups {
@@ -531,6 +594,14 @@ impl LrScheduler {
                 let increase = 1.0 + step_rate * interval;
                 min.iter().map(|m| m * increase).collect()
             }
+            // HF's LambdaLR gives step k (0-based) the factor at k; the next step here is
+            // k = last_batch_iteration + 1.
+            Kind::Hf { base, params } => {
+                let f = params
+                    .kind
+                    .factor((i + 1) as u64, params.warmup_steps, params.total_steps);
+                base.iter().map(|b| b * f).collect()
+            }
         }
     }
 
@@ -663,6 +734,82 @@ mod tests {
         for (k, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= tol, "[{k}]: got {g}, want {w} (±{tol})");
         }
+    }
+
+    /// transformers 5.24 `get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=10)`
+    /// with lr 1e-3: the lr of optimizer steps 0..12.
+    #[test]
+    fn hf_schedules_match_transformers() {
+        let cases: [(&str, [f64; 12]); 4] = [
+            (
+                "linear",
+                [
+                    0.0,
+                    3.333333333e-4,
+                    6.666666667e-4,
+                    1e-3,
+                    8.571428571e-4,
+                    7.142857143e-4,
+                    5.714285714e-4,
+                    4.285714286e-4,
+                    2.857142857e-4,
+                    1.428571429e-4,
+                    0.0,
+                    0.0,
+                ],
+            ),
+            (
+                "cosine",
+                [
+                    0.0,
+                    3.333333333e-4,
+                    6.666666667e-4,
+                    1e-3,
+                    9.50484434e-4,
+                    8.117449009e-4,
+                    6.11260467e-4,
+                    3.88739533e-4,
+                    1.882550991e-4,
+                    4.951556605e-5,
+                    0.0,
+                    4.951556605e-5,
+                ],
+            ),
+            ("constant", [1e-3; 12]),
+            (
+                "constant_with_warmup",
+                [
+                    0.0,
+                    3.333333333e-4,
+                    6.666666667e-4,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                    1e-3,
+                ],
+            ),
+        ];
+        for (name, want) in cases {
+            let kind = HfScheduleType::parse(name).unwrap();
+            let params = HfScheduleParams {
+                kind,
+                warmup_steps: 3,
+                total_steps: 10,
+            };
+            let mut s = LrScheduler::new(&LrScheduleParams::Hf(params), &[1e-3], true).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..12 {
+                got.push(s.lr()[0]);
+                s.step();
+            }
+            close(&got, &want, 1e-12);
+        }
+        assert_eq!(HfScheduleType::parse("polynomial"), None);
     }
 
     fn warmup(min: f64, max: Option<f64>, w: i64, ty: WarmupType) -> LrScheduleParams {

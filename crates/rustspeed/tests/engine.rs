@@ -456,3 +456,89 @@ fn config_and_model_dtype_must_agree() {
     .to_string();
     assert!(err.contains("optimizer"), "{err}");
 }
+
+#[test]
+fn a_partial_step_averages_the_micro_batches_it_has() {
+    // gas 3, but the epoch's last step has 2 micro-batches: it must equal a gas-2 engine's step,
+    // and the step after it must start at a boundary again.
+    let opt = r#""optimizer": {"type": "AdamW", "params": {"lr": 0.01}}"#;
+    let (mut three, _) = engine::<f32>(
+        &format!(
+            r#"{{"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3, {opt}}}"#
+        ),
+        4,
+    );
+    let (mut two, _) = engine::<f32>(
+        &format!(
+            r#"{{"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, {opt}}}"#
+        ),
+        4,
+    );
+    let mut rng = Rng::new(11);
+    let (a, b) = (batch(&mut rng, 1), batch(&mut rng, 1));
+    let r3 = three
+        .train_partial_batch(vec![a.clone(), b.clone()])
+        .unwrap();
+    let r2 = two.train_batch(&mut vec![a, b].into_iter()).unwrap();
+    assert_eq!(r3.loss, r2.loss);
+    assert_eq!(r3.step.grad_norm, r2.step.grad_norm);
+    assert_eq!(three.model().params, two.model().params);
+    assert_eq!(three.global_steps(), 1);
+    assert_eq!(
+        three.micro_steps(),
+        3,
+        "the counter jumps to the next boundary"
+    );
+    assert_eq!(three.global_samples(), 2);
+    // A full step follows normally.
+    let full: Vec<_> = (0..3).map(|_| batch(&mut rng, 1)).collect();
+    three.train_partial_batch(full).unwrap();
+    assert_eq!((three.global_steps(), three.micro_steps()), (2, 6));
+    for bad in [0usize, 4] {
+        let batches: Vec<_> = (0..bad).map(|_| batch(&mut rng, 1)).collect();
+        assert!(matches!(
+            three.train_partial_batch(batches),
+            Err(rustspeed::engine::EngineError::PartialStep { .. })
+        ));
+    }
+}
+
+#[test]
+fn the_fallback_schedule_applies_only_without_a_scheduler_block() {
+    use rustspeed::lr_schedule::{HfScheduleParams, HfScheduleType, LrScheduleParams};
+    let options = || EngineOptions {
+        fallback_schedule: Some(LrScheduleParams::Hf(HfScheduleParams {
+            kind: HfScheduleType::Linear,
+            warmup_steps: 2,
+            total_steps: 4,
+        })),
+        ..EngineOptions::default()
+    };
+    let opt = r#""train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}"#;
+    let built = tiny_model::<f32>(5, true);
+    let mut e = Engine::initialize(built.model, &config(&format!("{{{opt}}}")), options()).unwrap();
+    let mut rng = Rng::new(1);
+    let mut lrs = Vec::new();
+    for _ in 0..4 {
+        lrs.push(
+            e.train_batch(&mut std::iter::once(batch(&mut rng, 1)))
+                .unwrap()
+                .step
+                .lr,
+        );
+    }
+    let want = [0.0, 0.05, 0.1, 0.05];
+    for (g, w) in lrs.iter().zip(want) {
+        assert!((g - w).abs() < 1e-12, "{lrs:?} vs {want:?}");
+    }
+    // The config's own scheduler wins.
+    let with_block = format!(
+        r#"{{{opt}, "scheduler": {{"type": "WarmupLR", "params": {{"warmup_min_lr": 0.01, "warmup_max_lr": 0.1, "warmup_num_steps": 10}}}}}}"#
+    );
+    let built = tiny_model::<f32>(5, true);
+    let mut e = Engine::initialize(built.model, &config(&with_block), options()).unwrap();
+    let r = e
+        .train_batch(&mut std::iter::once(batch(&mut rng, 1)))
+        .unwrap();
+    assert!((r.step.lr - 0.01).abs() < 1e-12);
+}

@@ -34,7 +34,7 @@ use rustspeed_models::{Batch, Ctx, Flow, Model};
 
 use crate::checkpoint::CheckpointError;
 use crate::loss_scaler::{LossScaleError, LossScaler};
-use crate::lr_schedule::{LrScheduleError, LrScheduler};
+use crate::lr_schedule::{LrScheduleError, LrScheduleParams, LrScheduler};
 use crate::memory::{self, MemorySetup, ModelStateBytes};
 use crate::optimizer::{
     DecayRule, FlatLayout, OptimizerError, OptimizerSpec, OptimizerState, StepHyper,
@@ -69,6 +69,8 @@ pub enum EngineError {
     EvalDuringStep,
     #[error("train_batch needs gradient_accumulation_steps = {gas} micro-batches per step, but the data ended after {got}")]
     DataExhausted { gas: u64, got: u64 },
+    #[error("train_partial_batch takes 1 to gradient_accumulation_steps = {gas} micro-batches, got {got}")]
+    PartialStep { gas: u64, got: u64 },
     #[error("train_batch must start at a gradient-accumulation boundary, but {pending} of {gas} micro-batches of the current step were already run with forward/backward/step")]
     MidAccumulation { pending: u64, gas: u64 },
 }
@@ -80,6 +82,9 @@ pub struct EngineOptions {
     pub decay_rule: DecayRule,
     /// Base seed of the dropout masks; micro-step `k` uses a seed derived from it and `k`.
     pub seed: u64,
+    /// The schedule when the config has no `scheduler` block (HF Trainer builds its own
+    /// then); `None` keeps the optimizer's lr constant, as DeepSpeed does.
+    pub fallback_schedule: Option<LrScheduleParams>,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +92,7 @@ impl Default for EngineOptions {
         EngineOptions {
             decay_rule: DecayRule::HfTrainer,
             seed: 42,
+            fallback_schedule: None,
         }
     }
 }
@@ -137,6 +143,9 @@ pub struct Engine<T: Float> {
     scaler: LossScaler,
     check_overflow: bool,
     gas: u64,
+    /// Micro-batches the current step averages over: `gas`, or fewer for an epoch's last,
+    /// partial step (see [`Engine::train_partial_batch`]).
+    step_micro_batches: u64,
     clipping: f64,
     micro_steps: u64,
     global_steps: u64,
@@ -199,9 +208,10 @@ impl<T: Float> Engine<T> {
         let has_betas = spec.has_betas();
         let optimizer = OptimizerState::new(spec, partition);
         let base_lrs: Vec<f64> = optimizer.groups.iter().map(|g| g.lr).collect();
-        let scheduler = match &config.scheduler {
-            Some(s) => Some(schedule::build(s, &base_lrs, has_betas)?),
-            None => None,
+        let scheduler = match (&config.scheduler, &options.fallback_schedule) {
+            (Some(s), _) => Some(schedule::build(s, &base_lrs, has_betas)?),
+            (None, Some(p)) => Some(LrScheduler::new(p, &base_lrs, has_betas)?),
+            (None, None) => None,
         };
         let engine = Engine {
             grads: vec![0.0; flat.numel],
@@ -211,6 +221,7 @@ impl<T: Float> Engine<T> {
             scaler: precision::loss_scaler(config)?,
             check_overflow: precision::checks_overflow(config),
             gas: config.gradient_accumulation_steps(),
+            step_micro_batches: config.gradient_accumulation_steps(),
             clipping: config.gradient_clipping,
             micro_steps: 0,
             global_steps: 0,
@@ -251,7 +262,7 @@ impl<T: Float> Engine<T> {
         let grad_scale = if tokens == 0 {
             0.0
         } else {
-            (self.scaler.loss_scale() / (tokens as f64 * self.gas as f64)) as f32
+            (self.scaler.loss_scale() / (tokens as f64 * self.step_micro_batches as f64)) as f32
         };
         let ctx = Ctx {
             batch,
@@ -415,6 +426,54 @@ impl<T: Float> Engine<T> {
             }
         }
         unreachable!("the gas-th micro-step is a boundary")
+    }
+
+    /// An optimizer step over `batches.len()` micro-batches, which may be fewer than
+    /// `gradient_accumulation_steps`: an epoch's last step when the data does not fill it
+    /// (HF Trainer steps on it, `dataloader_drop_last` being false by default). The step's loss
+    /// and gradient are the mean over the micro-batches it has; the micro-step counter then
+    /// jumps to the next boundary, so later steps keep DeepSpeed's accounting.
+    pub fn train_partial_batch(&mut self, batches: Vec<Batch>) -> Result<StepReport, EngineError> {
+        let n = batches.len() as u64;
+        if n == self.gas {
+            return self.train_batch(&mut batches.into_iter());
+        }
+        let pending = self.micro_steps % self.gas;
+        if pending != 0 {
+            return Err(EngineError::MidAccumulation {
+                pending,
+                gas: self.gas,
+            });
+        }
+        if n == 0 || n > self.gas {
+            return Err(EngineError::PartialStep {
+                gas: self.gas,
+                got: n,
+            });
+        }
+        self.step_micro_batches = n;
+        let result = (|| {
+            let mut sum = 0.0f64;
+            let samples: u64 = batches.iter().map(|b| b.batch_size as u64).sum();
+            for (i, batch) in batches.iter().enumerate() {
+                sum += self.forward(batch)? as f64;
+                self.backward()?;
+                if (i as u64) + 1 < n {
+                    self.micro_steps += 1;
+                }
+            }
+            self.micro_steps += self.gas - n;
+            let mut step = self.take_model_step()?;
+            self.micro_steps += 1;
+            self.global_samples = self.global_samples - self.config.train_batch_size() + samples;
+            step.global_step = self.global_steps;
+            Ok(StepReport {
+                loss: (sum / n as f64) as f32,
+                step,
+            })
+        })();
+        self.step_micro_batches = self.gas;
+        result
     }
 
     pub fn global_steps(&self) -> u64 {
