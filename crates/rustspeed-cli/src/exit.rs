@@ -6,8 +6,12 @@
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Exit code for an error: 2 when any cause in the chain is the user's input, else 1.
+/// Exit code for an error: 130 for a Ctrl-C that stopped training cleanly, 2 when any cause
+/// in the chain is the user's input, else 1.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if err.is::<crate::commands::train::Interrupted>() {
+        return 130;
+    }
     let user_error = err.chain().any(|cause| {
         cause.is::<UsageError>()
             || cause.is::<rustspeed_config::ConfigError>()

@@ -262,3 +262,172 @@ fn bf16_run_trains_and_exports_bf16() {
     let text = exported.to_string();
     assert!(text.contains("bfloat16"), "{text}");
 }
+
+#[test]
+fn eval_split_evaluates_on_schedule_rotates_checkpoints_and_plots() {
+    let dir = tempdir("eval");
+    let (data, ds) = inputs(&dir);
+    let out = dir.join("out");
+    let result = train(
+        &data,
+        &ds,
+        &out,
+        &[
+            "--eval-split",
+            "0.25",
+            "--eval-steps",
+            "4",
+            "--save-total-limit",
+            "1",
+        ],
+    );
+    assert_ok(&result);
+    let lines = metrics(&out);
+    let evals: Vec<&Value> = lines.iter().filter(|l| l.get("eval_loss").is_some()).collect();
+    // At step 4 and at the end (step 6), one object each with exactly these fields.
+    assert_eq!(evals.len(), 2, "{lines:?}");
+    for (e, step) in evals.iter().zip([4, 6]) {
+        assert_eq!(e.as_object().unwrap().len(), 2, "{e}");
+        assert_eq!(e["step"].as_u64(), Some(step));
+        assert!(e["eval_loss"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(lines.len(), 8);
+    // Checkpoints at steps 3 and 6 (--save-steps 3); the limit keeps the newest.
+    let kept: Vec<bool> = [3, 6]
+        .iter()
+        .map(|n| out.join(format!("checkpoint-{n}")).is_dir())
+        .collect();
+    assert_eq!(kept, [false, true], "--save-total-limit 1");
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("eval_loss"), "{stdout}");
+}
+
+#[test]
+fn nvme_offload_and_a_foreign_checkpoint_exit_2() {
+    let dir = tempdir("refuse");
+    let (data, ds) = inputs(&dir);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    config["zero_optimization"] =
+        serde_json::json!({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}});
+    let nvme = dir.join("nvme.json");
+    std::fs::write(&nvme, config.to_string()).unwrap();
+    let out = train(&data, &nvme, &dir.join("out"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not supported yet") && stderr.contains("offload_optimizer.device"),
+        "{stderr}"
+    );
+
+    let missing = train(
+        &data,
+        &ds,
+        &dir.join("out2"),
+        &["--resume-from-checkpoint", dir.join("nope").to_str().unwrap()],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such directory"));
+}
+
+/// Ctrl-C during training saves a checkpoint and exits 130; resuming from it gives the same
+/// steps as a run that was never interrupted.
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
+    let dir = tempdir("sigint");
+    let (data, ds) = inputs(&dir);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    // A schedule that does not depend on the total step count, so a long run and a short one
+    // agree on every step's lr.
+    config.as_object_mut().unwrap().remove("scheduler");
+    std::fs::write(&ds, config.to_string()).unwrap();
+    let out = dir.join("out");
+    let model = model_dir();
+    let base = |out: &Path, steps: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--deepspeed",
+            ds.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "1",
+            "--learning-rate",
+            "1e-3",
+            "--weight-decay",
+            "0",
+            "--max-grad-norm",
+            "1.0",
+            "--lr-scheduler-type",
+            "constant",
+            "--block-size",
+            "16",
+            "--save-steps",
+            "0",
+            "--max-steps",
+            steps,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(base(&out, "100000"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_path = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics_path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let saved = metrics(&out);
+    let n = saved.len();
+    let ckpt = out.join(format!("checkpoint-{n}"));
+    assert!(ckpt.is_dir(), "no {} after Ctrl-C", ckpt.display());
+
+    // Resume for two more steps, and compare with a straight run of n + 2 steps.
+    let total = (n + 2).to_string();
+    let mut resume = base(&out, &total);
+    resume.extend(["--resume-from-checkpoint".to_string()]);
+    let r = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(&resume)
+        .output()
+        .unwrap();
+    assert_ok(&r);
+    let straight = dir.join("straight");
+    let s = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(base(&straight, &total))
+        .output()
+        .unwrap();
+    assert_ok(&s);
+    let (a, b) = (metrics(&straight), metrics(&out));
+    assert_eq!(a.len(), n + 2);
+    assert_eq!(b.len(), n + 2);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["step", "loss", "lr", "grad_norm", "tokens"] {
+            assert_eq!(x[key], y[key], "{key}: {x} vs {y}");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! `rustspeed train` against independent references made by tools/golden/train_cli_golden.py:
+//! PyTorch's training run on the packed text path (HF Trainer's defaults for a config without
+//! optimizer and scheduler blocks), transformers' tokenizer for the alpaca masks, its
+//! `apply_chat_template(return_assistant_tokens_mask=True)` for the chat masks, and the same
+//! alpaca records as JSONL, CSV and Parquet (written by pyarrow). Also: every DeepSpeed config
+//! the users brought (../shared/configs, and the copies in assets/configs) trains.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rustspeed_data::{prepare, ChatTemplate, DataConfig, Format, SpecialIds, TryEncode};
+use rustspeed_models::tokenizer::Tokenizer;
+use serde_json::Value;
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/train")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rustspeed-tg-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rustspeed(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_config(dir: &Path, config: Value) -> PathBuf {
+    let path = dir.join("ds.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= rel * want.abs().max(1e-12),
+        "{what}: got {got}, want {want} (rel {rel})"
+    );
+}
+
+#[test]
+fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
+    let expected = read_json(&golden().join("text_expected.json"));
+    let r = &expected["run"];
+    let dir = tempdir("text");
+    // Only the batch and clipping: HF Trainer supplies AdamW and the linear schedule.
+    let ds = write_config(
+        &dir,
+        serde_json::json!({
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto"
+        }),
+    );
+    let out = dir.join("out");
+    let s = |k: &str| r[k].to_string();
+    let model = golden().join("model");
+    let data = golden().join("text.jsonl");
+    let result = rustspeed(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--deepspeed",
+        ds.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--no-shuffle",
+        "--per-device-train-batch-size",
+        &s("micro"),
+        "--gradient-accumulation-steps",
+        &s("gas"),
+        "--learning-rate",
+        &s("lr"),
+        "--weight-decay",
+        &s("weight_decay"),
+        "--max-grad-norm",
+        &s("max_grad_norm"),
+        "--warmup-steps",
+        &s("warmup_steps"),
+        "--max-steps",
+        &s("max_steps"),
+        "--block-size",
+        &s("block_size"),
+        "--save-steps",
+        "0",
+    ]);
+    assert_ok(&result);
+    let got = metrics(&out);
+    let want = expected["steps"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        let step = w["step"].as_u64().unwrap();
+        assert_eq!(g["step"].as_u64(), Some(step));
+        assert_eq!(g["tokens"], w["tokens"], "step {step}");
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+        close(f(g, "lr"), f(w, "lr"), 1e-9, &format!("step {step} lr"));
+        close(f(g, "loss"), f(w, "loss"), 2e-6, &format!("step {step} loss"));
+        close(
+            f(g, "grad_norm"),
+            f(w, "grad_norm"),
+            1e-4,
+            &format!("step {step} grad_norm"),
+        );
+    }
+    assert!(out.join("loss.png").is_file());
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_dir(&golden().join("model")).unwrap()
+}
+
+/// The samples the train command builds from `file` (no packing, no truncation).
+fn samples(file: &Path, format: Format) -> Vec<(Vec<u32>, Vec<i32>)> {
+    let tok = tokenizer();
+    let mut cfg = DataConfig::new(vec![file.to_path_buf()]);
+    cfg.format = Some(format);
+    cfg.max_length = Some(256);
+    cfg.chat_template =
+        ChatTemplate::from_tokenizer_config(&golden().join("model/tokenizer_config.json"))
+            .unwrap();
+    let special = SpecialIds {
+        eos: tok.eos_token_id().unwrap(),
+        bos: tok.bos_token_id(),
+    };
+    let encode = TryEncode(|t: &str, s: bool| tok.encode(t, s));
+    let prepared = prepare(&cfg, &encode, special).unwrap();
+    prepared
+        .train
+        .samples
+        .into_iter()
+        .map(|s| (s.input_ids, s.labels))
+        .collect()
+}
+
+fn expected_samples(name: &str) -> Vec<(Vec<u32>, Vec<i32>)> {
+    let v = read_json(&golden().join(name));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let ids = s["input_ids"].as_array().unwrap();
+            let labels = s["labels"].as_array().unwrap();
+            (
+                ids.iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                labels.iter().map(|x| x.as_i64().unwrap() as i32).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn alpaca_masks_match_transformers_from_jsonl_csv_and_parquet() {
+    let want = expected_samples("alpaca_expected.json");
+    for file in ["alpaca.jsonl", "alpaca.csv", "alpaca.parquet"] {
+        let got = samples(&golden().join(file), Format::Alpaca);
+        assert_eq!(got.len(), want.len(), "{file}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{file} record {i}");
+        }
+    }
+}
+
+#[test]
+fn chat_masks_match_transformers_assistant_masks() {
+    let want = expected_samples("chat_expected.json");
+    let got = samples(&golden().join("chat.jsonl"), Format::Chat);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.0, w.0, "conversation {i}: input_ids");
+        assert_eq!(g.1, w.1, "conversation {i}: labels");
+    }
+}
+
+fn short_run(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = golden().join("model");
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--deepspeed",
+        ds.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "0",
+        "--block-size",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    rustspeed(&args)
+}
+
+#[test]
+fn csv_and_parquet_train_exactly_like_jsonl() {
+    let dir = tempdir("formats");
+    let ds = write_config(
+        &dir,
+        serde_json::json!({"train_batch_size": 4, "gradient_accumulation_steps": 2}),
+    );
+    let mut runs = Vec::new();
+    for file in ["alpaca.jsonl", "alpaca.csv", "alpaca.parquet"] {
+        let out = dir.join(file.replace('.', "-"));
+        assert_ok(&short_run(
+            &golden().join(file),
+            &ds,
+            &out,
+            &["--learning-rate", "1e-3"],
+        ));
+        runs.push(metrics(&out));
+    }
+    for run in &runs[1..] {
+        assert_eq!(run.len(), 2);
+        for (a, b) in runs[0].iter().zip(run) {
+            for key in ["loss", "grad_norm", "tokens", "lr"] {
+                assert_eq!(a[key], b[key], "{key}");
+            }
+        }
+    }
+}
+
+/// The seed documents' configs, as written: fp16 and bf16, ZeRO-2, CPU offload, no optimizer
+/// block, a global batch larger than the data (one partial step per epoch).
+#[test]
+fn every_user_config_trains() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut configs = Vec::new();
+    for d in [
+        here.join("../../../shared/configs"),
+        here.join("../../assets/configs"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            configs.extend(
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "json")),
+            );
+        }
+    }
+    assert!(
+        configs.len() >= 4,
+        "expected the seed configs in ../shared/configs or assets/configs, found {configs:?}"
+    );
+    let dir = tempdir("configs");
+    let data = golden().join("text.jsonl");
+    for (i, cfg) in configs.iter().enumerate() {
+        let out = dir.join(format!("run{i}"));
+        let result = short_run(&data, cfg, &out, &[]);
+        assert!(
+            result.status.success(),
+            "{}: {}",
+            cfg.display(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let m = metrics(&out);
+        assert_eq!(m.len(), 2, "{}", cfg.display());
+        assert!(
+            m.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()),
+            "{}: {m:?}",
+            cfg.display()
+        );
+        assert!(out.join("final/config.json").is_file());
+    }
+}
