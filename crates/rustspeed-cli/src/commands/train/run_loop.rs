@@ -14,7 +14,9 @@ use rustspeed_config::DsConfig;
 use rustspeed_data::{collate, DataCursor, DataOrder, DataState, PreparedData, Sample};
 use rustspeed_kernels::Float;
 use rustspeed_models::export::save_pretrained;
-use rustspeed_models::loader::{load_model, LoadError};
+use rustspeed_models::hf_config::Architecture;
+use rustspeed_models::loader::{build_model, load_model, LoadError};
+use rustspeed_models::{gpt2, llama};
 use rustspeed_models::Batch;
 use serde_json::json;
 
@@ -90,17 +92,29 @@ impl Run<'_> {
         let t0 = Instant::now();
         let samples = &self.data.train.samples;
         let eval_samples = self.data.eval.as_ref().map(|d| &d.samples[..]);
-        let loaded = load_model::<T>(&args.model).map_err(|e| match e {
-            LoadError::NotAModel { .. } => anyhow::Error::new(UsageError(e.to_string())),
-            other => anyhow::Error::new(other),
-        })?;
-        let param_count = loaded.model.layout.numel();
+        let model = if args.from_scratch {
+            let cfg = &self.source.config;
+            let mut model = build_model::<T>(cfg)?;
+            match cfg.architecture {
+                Architecture::Gpt2 => gpt2::init_weights(&mut model, cfg, args.seed),
+                _ => llama::init_weights(&mut model, cfg, args.seed),
+            }
+            model
+        } else {
+            load_model::<T>(&args.model)
+                .map_err(|e| match e {
+                    LoadError::NotAModel { .. } => anyhow::Error::new(UsageError(e.to_string())),
+                    other => anyhow::Error::new(other),
+                })?
+                .model
+        };
+        let param_count = model.layout.numel();
         let options = EngineOptions {
             seed: args.seed,
             fallback_schedule: self.fallback_schedule.clone(),
             ..EngineOptions::default()
         };
-        let mut engine = Engine::initialize(loaded.model, self.config, options)?;
+        let mut engine = Engine::initialize(model, self.config, options)?;
         let micro = self.config.micro_batch_size() as usize;
         let global = self.config.train_batch_size() as usize;
         let drop_last = self.config.dataloader_drop_last;
@@ -194,6 +208,14 @@ impl Run<'_> {
         let (mut total_tokens, t_train) = (0u64, Instant::now());
         let mut last_eval: Option<(u64, f64)> = None;
         let mut last_saved = None;
+        if let Some(eval) = eval_samples.filter(|_| args.eval_on_start) {
+            if engine.global_steps() == 0 {
+                let loss = evaluate(&mut engine, eval, args.per_device_eval_batch_size, pad)?;
+                write_metric(json!({ "step": 0, "eval_loss": loss }))?;
+                eval_curve.push((0.0, loss));
+                log(format!("step 0: eval_loss {loss:.4}"));
+            }
+        }
         while engine.global_steps() < self.max_steps {
             let step = cursor.next_step(global);
             let batches: Vec<Batch> = step
