@@ -433,3 +433,46 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
         }
     }
 }
+
+/// A GGUF source: its embedded tokenizer encodes the data, and the export is an HF directory
+/// with the tokenizer written out.
+#[test]
+fn trains_from_a_gguf_file_and_exports_an_hf_directory() {
+    let dir = tempdir("gguf");
+    let (data, ds) = inputs(&dir);
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../rustspeed-models/tests/golden/gguf/llama.gguf");
+    let out = dir.join("out");
+    let result = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args([
+            "train",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--deepspeed",
+            ds.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "1",
+            "--learning-rate",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--max-steps",
+            "2",
+            "--block-size",
+            "8",
+            "--save-steps",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&result);
+    assert_eq!(metrics(&out).len(), 2);
+    let exported = rustspeed_models::loader::load_model::<f32>(&out.join("final")).unwrap();
+    assert!(exported.tokenizer.is_some(), "tokenizer.json written");
+}

@@ -26,6 +26,36 @@ pub struct TrainingArgs {
     pub bf16: Option<bool>,
     /// The model's hidden size, for the ZeRO bucket sizes HF derives from it.
     pub hidden_size: Option<u64>,
+    /// Fill the `"auto"` values no argument was given for with TrainingArguments' defaults,
+    /// as HF Trainer does (its arguments always have values). Only given arguments are checked
+    /// against explicit config values: a default never contradicts the config.
+    pub hf_defaults: bool,
+}
+
+impl TrainingArgs {
+    /// Unset arguments at transformers' TrainingArguments defaults (fp16/bf16 off), except
+    /// the warmup.
+    fn with_hf_defaults(&self, micro_in_config: Option<u64>) -> TrainingArgs {
+        TrainingArgs {
+            per_device_train_batch_size: self
+                .per_device_train_batch_size
+                .or(micro_in_config)
+                .or(Some(8)),
+            gradient_accumulation_steps: self.gradient_accumulation_steps.or(Some(1)),
+            learning_rate: self.learning_rate.or(Some(5e-5)),
+            adam_beta1: self.adam_beta1.or(Some(0.9)),
+            adam_beta2: self.adam_beta2.or(Some(0.999)),
+            adam_epsilon: self.adam_epsilon.or(Some(1e-8)),
+            weight_decay: self.weight_decay.or(Some(0.0)),
+            max_grad_norm: self.max_grad_norm.or(Some(1.0)),
+            // HF's default 0 would fill warmup_num_steps with 0, which DeepSpeed's schedulers
+            // reject; leaving it unresolved gives an error that names --warmup-steps instead.
+            fp16: self.fp16.or(Some(false)),
+            bf16: self.bf16.or(Some(false)),
+            hf_defaults: false,
+            ..self.clone()
+        }
+    }
 }
 
 /// The `rustspeed train` flag that fills each `"auto"` key.
@@ -83,8 +113,8 @@ pub fn flag_for(key: &str) -> Option<&'static str> {
 pub fn unresolved_hint(key: &str) -> String {
     match flag_for(key) {
         Some(flag) => format!(
-            "it is filled by `rustspeed train` from {flag}; `rustspeed config check` has no \
-             training arguments, so write a value here to check the file"
+            "it is filled by `rustspeed train` from {flag}: give that flag, or write a value \
+             here (`rustspeed config check` has no training arguments to fill it from)"
         ),
         None => format!(
             "HF Trainer fills \"auto\" only for {}; write a value",
@@ -171,6 +201,22 @@ pub(crate) fn fill(
     args: &TrainingArgs,
     world: u64,
     source: &str,
+) -> Result<(), ConfigError> {
+    apply(root, args, world, source, true)?;
+    if args.hf_defaults {
+        let micro = explicit_u64(root, "train_micro_batch_size_per_gpu");
+        apply(root, &args.with_hf_defaults(micro), world, source, false)?;
+    }
+    Ok(())
+}
+
+/// One filling pass; `check`: explicit values must agree with the arguments (where HF checks).
+fn apply(
+    root: &mut Value,
+    args: &TrainingArgs,
+    world: u64,
+    source: &str,
+    check: bool,
 ) -> Result<(), ConfigError> {
     let gas = args
         .gradient_accumulation_steps
@@ -271,7 +317,7 @@ pub(crate) fn fill(
         };
         if m.value.is_auto() {
             m.value.kind = value.kind();
-        } else if must_match && !value.matches(&m.value) {
+        } else if check && must_match && !value.matches(&m.value) {
             return Err(ConfigError::AutoMismatch {
                 at: Location {
                     source: source.into(),

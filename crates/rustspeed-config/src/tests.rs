@@ -467,6 +467,44 @@ fn hf_args() -> TrainingArgs {
         fp16: Some(false),
         bf16: Some(true),
         hidden_size: Some(64),
+        hf_defaults: false,
+    }
+}
+
+/// Unset arguments fill "auto" with TrainingArguments' defaults, and never contradict an
+/// explicit value (HF would compare its defaults too; rustspeed only checks given flags).
+#[test]
+fn hf_defaults_fill_auto_but_never_contradict() {
+    let json = r#"{
+  "train_micro_batch_size_per_gpu": 2,
+  "train_batch_size": "auto",
+  "gradient_clipping": "auto",
+  "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": "auto", "betas": "auto", "eps": "auto"}},
+  "bf16": {"enabled": "auto"}
+}"#;
+    let raw = parse(json, "ds.json").unwrap();
+    let args = TrainingArgs {
+        max_steps: Some(10),
+        hf_defaults: true,
+        ..TrainingArgs::default()
+    };
+    let cfg = resolve(
+        &raw,
+        &ResolveOptions {
+            world_size: WorldSize::flag(1),
+            training_args: Some(args),
+        },
+    )
+    .unwrap();
+    assert_eq!((cfg.train_batch_size(), cfg.micro_batch_size()), (2, 2));
+    assert_eq!(cfg.gradient_clipping, 1.0);
+    assert_eq!(cfg.precision, Precision::Fp32);
+    match cfg.optimizer.as_ref().unwrap().optimizer {
+        Optimizer::Adam(ref p) => assert_eq!(
+            (p.lr, p.betas, p.eps, p.weight_decay),
+            (3e-4, [0.9, 0.999], 1e-8, 0.0)
+        ),
+        ref other => panic!("{other:?}"),
     }
 }
 

@@ -196,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fp16: args.fp16.then_some(true),
         bf16: args.bf16.then_some(true),
         hidden_size: Some(source.config.hidden_size as u64),
+        hf_defaults: true,
     };
     let resolve_with = |targs: &TrainingArgs| {
         let opts = ResolveOptions {
