@@ -156,7 +156,7 @@ pub struct Args {
     /// Field of the chat format's message list (default "messages").
     #[arg(long)]
     pub messages_column: Option<String>,
-    /// Alpaca prompt template file (see docs/TRAIN.md) instead of the standard Alpaca prompt.
+    /// Alpaca prompt template file (docs/TRAIN.md) instead of the standard Alpaca prompt.
     #[arg(long)]
     pub prompt_template: Option<PathBuf>,
 }
