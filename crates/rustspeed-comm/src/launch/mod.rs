@@ -1,0 +1,1 @@
+//! Launcher core (filled in step 2).
