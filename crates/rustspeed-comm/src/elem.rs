@@ -111,14 +111,71 @@ impl Elem for f16 {
     }
 }
 
-const BLOCK: usize = 512;
+const BLOCK: usize = 2048;
+
+#[inline(always)]
+fn combine(op: ReduceOp, a: f32, b: f32) -> f32 {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => a + b,
+        ReduceOp::Max => {
+            if b > a || b.is_nan() {
+                b
+            } else {
+                a
+            }
+        }
+    }
+}
+
+/// `d = op(d, x)` elementwise; monomorphised per op so each loop vectorises.
+#[inline(always)]
+fn fold_into(op: ReduceOp, d: &mut [f32], x: &[f32]) {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => {
+            for (d, x) in d.iter_mut().zip(x) {
+                *d += *x;
+            }
+        }
+        ReduceOp::Max => {
+            for (d, &x) in d.iter_mut().zip(x) {
+                *d = combine(ReduceOp::Max, *d, x);
+            }
+        }
+    }
+}
+
+/// `d = op(a, b)` elementwise, one pass.
+#[inline(always)]
+fn fold2(op: ReduceOp, d: &mut [f32], a: &[f32], b: &[f32]) {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => {
+            for ((d, a), b) in d.iter_mut().zip(a).zip(b) {
+                *d = *a + *b;
+            }
+        }
+        ReduceOp::Max => {
+            for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                *d = combine(ReduceOp::Max, a, b);
+            }
+        }
+    }
+}
 
 /// `dst = op(srcs[0], srcs[1], ...)` elementwise, accumulated in f32 in the order of `srcs`
 /// (rank order), so whichever rank reduces a piece, the bits are the same.
 /// `world` is the divisor for `Mean`.
 pub fn reduce_into<T: Elem>(srcs: &[&[T]], dst: &mut [T], op: ReduceOp, world: usize) {
     let n = dst.len();
-    debug_assert!(srcs.iter().all(|s| s.len() == n));
+    assert!(srcs.iter().all(|s| s.len() == n) && !srcs.is_empty());
+    if T::DTYPE == DType::F32 {
+        // SAFETY: T is f32 (DTYPE is only F32 for f32), so these are the same slices.
+        let srcs: Vec<&[f32]> = srcs
+            .iter()
+            .map(|s| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, n) })
+            .collect();
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, n) };
+        return reduce_f32(&srcs, dst, op, world);
+    }
     let mut acc = [0f32; BLOCK];
     let mut tmp = [0f32; BLOCK];
     let mut lo = 0;
@@ -128,29 +185,38 @@ pub fn reduce_into<T: Elem>(srcs: &[&[T]], dst: &mut [T], op: ReduceOp, world: u
         T::widen(&srcs[0][lo..lo + len], acc);
         for src in &srcs[1..] {
             T::widen(&src[lo..lo + len], tmp);
-            match op {
-                ReduceOp::Sum | ReduceOp::Mean => {
-                    for (a, t) in acc.iter_mut().zip(tmp.iter()) {
-                        *a += *t;
-                    }
-                }
-                ReduceOp::Max => {
-                    for (a, &t) in acc.iter_mut().zip(tmp.iter()) {
-                        if t > *a || t.is_nan() {
-                            *a = t;
-                        }
-                    }
-                }
-            }
+            fold_into(op, acc, tmp);
         }
         if op == ReduceOp::Mean {
             let w = world as f32;
-            for a in acc.iter_mut() {
-                *a /= w;
-            }
+            acc.iter_mut().for_each(|a| *a /= w);
         }
         T::narrow(acc, &mut dst[lo..lo + len]);
         lo += len;
+    }
+}
+
+/// f32 needs no staging: the first two sources combine straight into `dst`, block by block
+/// so the later sources fold into a block that is still in L1.
+fn reduce_f32(srcs: &[&[f32]], dst: &mut [f32], op: ReduceOp, world: usize) {
+    let n = dst.len();
+    let mut lo = 0;
+    while lo < n {
+        let hi = (lo + BLOCK).min(n);
+        let d = &mut dst[lo..hi];
+        if srcs.len() == 1 {
+            d.copy_from_slice(&srcs[0][lo..hi]);
+        } else {
+            fold2(op, d, &srcs[0][lo..hi], &srcs[1][lo..hi]);
+        }
+        for s in &srcs[2.min(srcs.len())..] {
+            fold_into(op, d, &s[lo..hi]);
+        }
+        if op == ReduceOp::Mean {
+            let w = world as f32;
+            d.iter_mut().for_each(|a| *a /= w);
+        }
+        lo = hi;
     }
 }
 
