@@ -30,6 +30,8 @@ enum Command {
     Estimate(commands::estimate::Args),
     /// Causal-LM loss and perplexity of a model (HF directory or .gguf) on a text file.
     Eval(commands::eval::Args),
+    /// Start N ranks of a program (like torchrun/deepspeed): local, or mpirun/srun/ssh across nodes.
+    Launch(commands::launch::Args),
     /// Fine-tune a model on a data file with a DeepSpeed config (HF Trainer-style flags).
     Train(Box<commands::train::Args>),
 }
@@ -47,6 +49,7 @@ fn main() {
         Command::Config(ConfigCommand::Check(args)) => commands::config_check::run(args),
         Command::Estimate(args) => commands::estimate::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Launch(args) => commands::launch::run(args),
         Command::Train(args) => commands::train::run(*args),
     };
     if let Err(err) = result {

@@ -3,4 +3,5 @@
 pub mod config_check;
 pub mod estimate;
 pub mod eval;
+pub mod launch;
 pub mod train;

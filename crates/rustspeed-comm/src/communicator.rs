@@ -1,0 +1,604 @@
+//! `Communicator`: the one handle the engine uses. Collectives run on a communication thread
+//! in the order they were issued (every rank must issue the same sequence), so a non-blocking
+//! call returns at once and the caller keeps computing; blocking calls are a non-blocking call
+//! plus `wait`. Send/recv run on the calling thread through their own rings.
+
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::elem::{Elem, ReduceOp};
+use crate::env::{self, RankInfo};
+use crate::error::{CommError, ErrorKind, Result};
+use crate::partition::partition_len;
+use crate::shm::{self, Layout, Region, ShmGroup};
+use crate::store::Store;
+
+/// Default watchdog limit (DeepSpeed/torch's NCCL default is 30 min; 10 min is the issue's).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Knobs that are not part of the rank's identity.
+#[derive(Debug, Clone)]
+pub struct CommConfig {
+    /// Watchdog: a collective or send/recv not finished within this fails on every rank.
+    pub timeout: Duration,
+    /// Bytes of one shared-memory half (two per rank); bigger buffers are pipelined.
+    pub shm_half_bytes: usize,
+    /// Bytes of one point-to-point ring (power of two).
+    pub shm_p2p_bytes: usize,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig {
+            timeout: DEFAULT_TIMEOUT,
+            shm_half_bytes: shm::DEFAULT_HALF_BYTES,
+            shm_p2p_bytes: shm::DEFAULT_P2P_BYTES,
+        }
+    }
+}
+
+impl CommConfig {
+    /// Defaults overridden by RUSTSPEED_COMM_TIMEOUT (seconds) and RUSTSPEED_SHM_CHUNK_BYTES.
+    pub fn from_env() -> Result<CommConfig> {
+        let mut cfg = CommConfig::default();
+        if let Some(t) = env::var_f64("RUSTSPEED_COMM_TIMEOUT")? {
+            if t <= 0.0 || !t.is_finite() {
+                return Err(CommError::setup(format!(
+                    "RUSTSPEED_COMM_TIMEOUT={t}: expected a positive number of seconds"
+                )));
+            }
+            cfg.timeout = Duration::from_secs_f64(t);
+        }
+        if let Some(b) = env::var_usize("RUSTSPEED_SHM_CHUNK_BYTES")? {
+            if b < 4096 {
+                return Err(CommError::setup(format!(
+                    "RUSTSPEED_SHM_CHUNK_BYTES={b}: expected at least 4096"
+                )));
+            }
+            cfg.shm_half_bytes = b.next_multiple_of(4096);
+        }
+        Ok(cfg)
+    }
+}
+
+/// Completion of one queued operation.
+struct Done {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn new() -> Arc<Done> {
+        Arc::new(Done {
+            result: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+    fn set(&self, r: Result<()>) {
+        *self.result.lock().unwrap() = Some(r);
+        self.cv.notify_all();
+    }
+    fn wait(&self) -> Result<()> {
+        let mut g = self.result.lock().unwrap();
+        while g.is_none() {
+            g = self.cv.wait(g).unwrap();
+        }
+        g.clone().unwrap()
+    }
+    fn is_set(&self) -> bool {
+        self.result.lock().unwrap().is_some()
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut ShmGroup) -> Result<()> + Send>;
+type JobSender = mpsc::Sender<(Job, Arc<Done>)>;
+
+/// Raw slice pointers moved to the communication thread. Whoever makes one guarantees the
+/// memory outlives the job (blocking calls wait; scopes wait before returning).
+struct Ptr<T>(*mut T, usize);
+unsafe impl<T> Send for Ptr<T> {}
+impl<T> Ptr<T> {
+    fn of(s: &[T]) -> Self {
+        Ptr(s.as_ptr() as *mut T, s.len())
+    }
+    fn of_mut(s: &mut [T]) -> Self {
+        Ptr(s.as_mut_ptr(), s.len())
+    }
+    /// SAFETY: see the type's comment.
+    unsafe fn get<'a>(&self) -> &'a [T] {
+        std::slice::from_raw_parts(self.0, self.1)
+    }
+    /// SAFETY: see the type's comment; the caller handed over exclusive access.
+    unsafe fn get_mut<'a>(&self) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+struct Shared {
+    region: Arc<Region>,
+    tx: Mutex<Option<JobSender>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum Backend {
+    /// World size 1: every collective is a copy (or nothing), no thread, no shared memory.
+    Single,
+    Shm(Shared),
+}
+
+/// A group of ranks and the collectives between them.
+pub struct Communicator {
+    info: RankInfo,
+    timeout: Duration,
+    backend: Backend,
+    store: Option<Store>,
+}
+
+impl Communicator {
+    /// A world of one: collectives are identities; no store, no shared memory.
+    pub fn single() -> Communicator {
+        Communicator {
+            info: RankInfo::single(),
+            timeout: DEFAULT_TIMEOUT,
+            backend: Backend::Single,
+            store: None,
+        }
+    }
+
+    /// Reads the rank from the environment (RANK/WORLD_SIZE/LOCAL_RANK as torchrun and
+    /// `rustspeed launch` set them; OMPI_COMM_WORLD_*, PMI_*, SLURM_* as fallbacks),
+    /// rendezvous through MASTER_ADDR:MASTER_PORT, and sets up the backend named by
+    /// RUSTSPEED_COMM_BACKEND (default `shm`).
+    pub fn from_env() -> Result<Communicator> {
+        let info = RankInfo::from_env()?;
+        let cfg = CommConfig::from_env()?;
+        if info.world_size == 1 {
+            let mut c = Communicator::single();
+            c.timeout = cfg.timeout;
+            return Ok(c);
+        }
+        match std::env::var("RUSTSPEED_COMM_BACKEND").as_deref() {
+            Ok("shm") | Err(_) => {}
+            Ok("mpi") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=mpi (the mpi cargo feature is not built yet); unset it to use the shm backend on one machine")),
+            Ok("nccl") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=nccl (needs the cuda feature and a GPU); unset it to use the shm backend")),
+            Ok(other) => {
+                return Err(CommError::setup(format!(
+                    "RUSTSPEED_COMM_BACKEND={other}: expected shm, mpi or nccl"
+                )))
+            }
+        }
+        if info.local_world_size != info.world_size {
+            return Err(CommError::not_supported(format!(
+                "the shm backend across machines (WORLD_SIZE={}, LOCAL_WORLD_SIZE={}); shm needs every rank on one machine, \
+                 multi-node runs need the mpi backend",
+                info.world_size, info.local_world_size
+            )));
+        }
+        let (addr, port) = env::master()?;
+        let store = Store::connect(&addr, port, info.rank == 0, cfg.timeout)?;
+        Self::with_store(info, store, cfg)
+    }
+
+    /// Sets up the shared-memory backend for `info.rank` of `info.world_size` through `store`
+    /// (rank 0 creates the region). Every rank of the group must call this.
+    pub fn with_store(info: RankInfo, store: Store, cfg: CommConfig) -> Result<Communicator> {
+        let (rank, world) = (info.rank, info.world_size);
+        if rank >= world {
+            return Err(CommError::setup(format!(
+                "RANK={rank} is not below WORLD_SIZE={world}"
+            )));
+        }
+        if world == 1 {
+            let mut c = Communicator::single();
+            c.timeout = cfg.timeout;
+            c.store = Some(store);
+            return Ok(c);
+        }
+        // Each rank counts the communicators it made, so a second one on the same store uses
+        // fresh keys (ranks make them in the same order).
+        let generation = store.add(&format!("rustspeed/generation/{rank}"), 1)?;
+        let key = |k: &str| format!("rustspeed/comm{generation}/{k}");
+        let host = hostname();
+        let region = if rank == 0 {
+            let path = shm::shm_dir().join(format!(
+                "rustspeed-comm-{}-{:x}-{generation}",
+                std::process::id(),
+                nanos_now()
+            ));
+            let layout = Layout {
+                world,
+                half_bytes: cfg.shm_half_bytes,
+                p2p_bytes: cfg.shm_p2p_bytes.next_power_of_two(),
+            };
+            let region = Region::create(&path, layout, cfg.timeout)?;
+            store.set(&key("host"), host.as_bytes())?;
+            store.set(&key("path"), path.to_string_lossy().as_bytes())?;
+            let joined = store.add(&key("joined"), 1);
+            let all = joined.and_then(|_| {
+                store.wait_ge(
+                    &key("joined"),
+                    world as i64,
+                    "ranks mapping the shared-memory region",
+                )
+            });
+            // Every rank has it mapped (or setup failed): the name is no longer needed, and
+            // unlinking now means a crash leaves nothing behind in /dev/shm.
+            let _ = std::fs::remove_file(&path);
+            all?;
+            region
+        } else {
+            let root_host = String::from_utf8_lossy(&store.get(&key("host"))?).into_owned();
+            if root_host != host {
+                return Err(CommError::setup(format!(
+                    "shm backend: rank {rank} runs on '{host}' but rank 0 on '{root_host}'; shared memory needs one machine \
+                     (multi-node runs need the mpi backend)"
+                )));
+            }
+            let path =
+                PathBuf::from(String::from_utf8_lossy(&store.get(&key("path"))?).into_owned());
+            let region = Region::open(&path, rank, world, cfg.timeout)?;
+            store.add(&key("joined"), 1)?;
+            store.wait_ge(
+                &key("joined"),
+                world as i64,
+                "ranks mapping the shared-memory region",
+            )?;
+            region
+        };
+        let region = Arc::new(region);
+        let (tx, rx) = mpsc::channel::<(Job, Arc<Done>)>();
+        let mut group = ShmGroup::new(region.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("rustspeed-comm-{rank}"))
+            .spawn(move || {
+                // After one failure every later job gets the same error: the protocol state
+                // is unknown, and continuing could hang or exchange wrong data.
+                let mut broken: Option<CommError> = None;
+                for (job, done) in rx {
+                    let r = match &broken {
+                        Some(e) => Err(e.clone()),
+                        None => job(&mut group),
+                    };
+                    if let Err(e) = &r {
+                        if e.kind != ErrorKind::InvalidArgument {
+                            broken.get_or_insert_with(|| e.clone());
+                        }
+                    }
+                    done.set(r);
+                }
+            })
+            .map_err(|e| CommError::setup(format!("cannot spawn the communication thread: {e}")))?;
+        Ok(Communicator {
+            info,
+            timeout: cfg.timeout,
+            backend: Backend::Shm(Shared {
+                region,
+                tx: Mutex::new(Some(tx)),
+                worker: Mutex::new(Some(worker)),
+            }),
+            store: Some(store),
+        })
+    }
+
+    /// Threads-as-ranks helper (tests, tools): `world` communicators on one store.
+    pub fn local_group(world: usize, cfg: CommConfig) -> Result<Vec<Communicator>> {
+        let root = Store::local_server(cfg.timeout)?;
+        let port = root.port();
+        let handles: Vec<_> = (1..world)
+            .map(|rank| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let store = Store::connect("127.0.0.1", port, false, cfg.timeout)?;
+                    Communicator::with_store(RankInfo::local(rank, world), store, cfg)
+                })
+            })
+            .collect();
+        let mut all = vec![Communicator::with_store(
+            RankInfo::local(0, world),
+            root,
+            cfg,
+        )?];
+        for h in handles {
+            all.push(h.join().expect("rank setup thread panicked")?);
+        }
+        Ok(all)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.info.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.info.world_size
+    }
+    pub fn local_rank(&self) -> usize {
+        self.info.local_rank
+    }
+    pub fn info(&self) -> &RankInfo {
+        &self.info
+    }
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// The rendezvous store (absent for a world of one made by `single`), e.g. for NCCL ids.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+    /// Name of the backend in use.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Single => "single",
+            Backend::Shm(_) => "shm",
+        }
+    }
+
+    fn submit(&self, job: Job) -> Arc<Done> {
+        let done = Done::new();
+        match &self.backend {
+            Backend::Single => unreachable!("world size 1 runs inline"),
+            Backend::Shm(s) => {
+                let tx = s.tx.lock().unwrap();
+                let sent = tx.as_ref().map(|tx| tx.send((job, done.clone())).is_ok());
+                if sent != Some(true) {
+                    done.set(Err(CommError::new(
+                        ErrorKind::Aborted,
+                        "the communication thread has stopped",
+                    )));
+                }
+            }
+        }
+        done
+    }
+
+    // ---- blocking collectives --------------------------------------------------------------
+
+    /// In place: every rank's `buf` becomes op over all ranks' `buf` (same length everywhere).
+    pub fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.scope(|s| s.all_reduce(buf, op)?.wait().map(|_| ()))
+    }
+
+    /// `output` = this rank's piece of op over all ranks' `input`. Pieces follow
+    /// `partition`'s rule: `output.len()` must be `ceil(input.len() / world_size)`, rank r gets
+    /// `input[r*c .. (r+1)*c]` reduced, zero-padded past the end.
+    pub fn reduce_scatter<T: Elem>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.scope(|s| s.reduce_scatter(input, output, op)?.wait().map(|_| ()))
+    }
+
+    /// `output` = every rank's `input` concatenated in rank order, padding past
+    /// `output.len()` dropped; `input.len()` must be `ceil(output.len() / world_size)`.
+    pub fn all_gather<T: Elem>(&self, input: &[T], output: &mut [T]) -> Result<()> {
+        self.scope(|s| s.all_gather(input, output)?.wait().map(|_| ()))
+    }
+
+    /// Every rank's `buf` becomes `root`'s.
+    pub fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.scope(|s| s.broadcast(buf, root)?.wait().map(|_| ()))
+    }
+
+    /// Returns when every rank has entered the barrier.
+    pub fn barrier(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Single => Ok(()),
+            Backend::Shm(_) => self.submit(Box::new(|g| g.barrier())).wait(),
+        }
+    }
+
+    /// Sends `buf` to rank `dst` (returns once it is buffered or received; the matching
+    /// `recv` must ask for the same number of elements of the same type).
+    pub fn send<T: Elem>(&self, buf: &[T], dst: usize) -> Result<()> {
+        match &self.backend {
+            Backend::Single => Err(CommError::invalid(format!(
+                "send to rank {dst} in a world of one"
+            ))),
+            Backend::Shm(s) => s.region.send(buf, dst),
+        }
+    }
+
+    /// Receives exactly `buf.len()` elements from rank `src`.
+    pub fn recv<T: Elem>(&self, buf: &mut [T], src: usize) -> Result<()> {
+        match &self.backend {
+            Backend::Single => Err(CommError::invalid(format!(
+                "recv from rank {src} in a world of one"
+            ))),
+            Backend::Shm(s) => s.region.recv(buf, src),
+        }
+    }
+
+    /// Runs `f` with a scope in which collectives can be started without waiting for them
+    /// (like `std::thread::scope`): each returns a `Handle` to `wait` on, and the scope waits
+    /// for every operation it started before returning, so buffers lent to it stay valid.
+    ///
+    /// ```no_run
+    /// # use rustspeed_comm::{Communicator, ReduceOp};
+    /// # let comm = Communicator::single();
+    /// # let (mut grads_l, mut grads_l1) = (vec![0f32; 8], vec![0f32; 8]);
+    /// comm.scope(|s| {
+    ///     let h = s.all_reduce(&mut grads_l, ReduceOp::Mean)?; // layer L's gradients...
+    ///     grads_l1.fill(1.0); // ...travel while layer L-1's backward runs
+    ///     let reduced = h.wait()?;
+    ///     Ok::<_, rustspeed_comm::CommError>(reduced[0])
+    /// }).unwrap();
+    /// ```
+    pub fn scope<'env, F, R>(&'env self, f: F) -> R
+    where
+        F: for<'s> FnOnce(&'s Scope<'s, 'env>) -> R,
+    {
+        let scope = Scope {
+            comm: self,
+            pending: Mutex::new(Vec::new()),
+            _marker: PhantomData,
+        };
+        // Waits for everything started, even if `f` panics, before the borrows end.
+        struct WaitAll<'a, 's, 'env>(&'a Scope<'s, 'env>);
+        impl Drop for WaitAll<'_, '_, '_> {
+            fn drop(&mut self) {
+                for d in self.0.pending.lock().unwrap().drain(..) {
+                    let _ = d.wait();
+                }
+            }
+        }
+        let _guard = WaitAll(&scope);
+        f(&scope)
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if let Backend::Shm(s) = &self.backend {
+            s.tx.lock().unwrap().take(); // ends the worker's loop once queued jobs ran
+            if let Some(w) = s.worker.lock().unwrap().take() {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+/// Lends buffers to non-blocking collectives; see `Communicator::scope`.
+pub struct Scope<'s, 'env: 's> {
+    comm: &'env Communicator,
+    pending: Mutex<Vec<Arc<Done>>>,
+    _marker: PhantomData<&'s mut &'env ()>,
+}
+
+/// A collective in flight. `wait` returns the output buffer once it is complete.
+#[must_use = "a collective's output is not ready until wait() returns"]
+pub struct Handle<'s, B: ?Sized> {
+    done: Option<Arc<Done>>,
+    out: &'s mut B,
+}
+
+impl<'s, B: ?Sized> Handle<'s, B> {
+    /// Blocks until the collective finished on this rank; gives the output buffer back.
+    pub fn wait(self) -> Result<&'s mut B> {
+        if let Some(d) = &self.done {
+            d.wait()?;
+        }
+        Ok(self.out)
+    }
+    /// Whether `wait` would return at once.
+    pub fn is_done(&self) -> bool {
+        self.done.as_ref().is_none_or(|d| d.is_set())
+    }
+}
+
+impl<'s, 'env> Scope<'s, 'env> {
+    fn start<B: ?Sized>(&'s self, out: &'s mut B, job: Option<Job>) -> Handle<'s, B> {
+        let done = job.map(|job| {
+            let d = self.comm.submit(job);
+            self.pending.lock().unwrap().push(d.clone());
+            d
+        });
+        Handle { done, out }
+    }
+
+    fn shm(&self) -> bool {
+        matches!(self.comm.backend, Backend::Shm(_))
+    }
+
+    /// Non-blocking `Communicator::all_reduce`.
+    pub fn all_reduce<T: Elem>(
+        &'s self,
+        buf: &'s mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s, [T]>> {
+        if !self.shm() {
+            return Ok(self.start(buf, None));
+        }
+        let p = Ptr::of_mut(buf);
+        // SAFETY: the scope keeps `buf` borrowed until this job is done.
+        let job: Job = Box::new(move |g| g.all_reduce(unsafe { p.get_mut() }, op));
+        Ok(self.start(buf, Some(job)))
+    }
+
+    /// Non-blocking `Communicator::reduce_scatter`.
+    pub fn reduce_scatter<T: Elem>(
+        &'s self,
+        input: &'s [T],
+        output: &'s mut [T],
+        op: ReduceOp,
+    ) -> Result<Handle<'s, [T]>> {
+        let ws = self.comm.world_size();
+        let c = partition_len(input.len(), ws);
+        if output.len() != c {
+            return Err(CommError::invalid(format!(
+                "reduce_scatter of {} elements over {ws} ranks: output holds {} elements, expected ceil({}/{ws}) = {c} \
+                 (see rustspeed_comm::partition_len)",
+                input.len(),
+                output.len(),
+                input.len()
+            )));
+        }
+        if !self.shm() {
+            output.copy_from_slice(&input[..c]);
+            return Ok(self.start(output, None));
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        // SAFETY: the scope keeps both buffers borrowed until this job is done.
+        let job: Job =
+            Box::new(move |g| g.reduce_scatter(unsafe { i.get() }, unsafe { o.get_mut() }, op));
+        Ok(self.start(output, Some(job)))
+    }
+
+    /// Non-blocking `Communicator::all_gather`.
+    pub fn all_gather<T: Elem>(
+        &'s self,
+        input: &'s [T],
+        output: &'s mut [T],
+    ) -> Result<Handle<'s, [T]>> {
+        let ws = self.comm.world_size();
+        let c = partition_len(output.len(), ws);
+        if input.len() != c {
+            return Err(CommError::invalid(format!(
+                "all_gather into {} elements over {ws} ranks: each rank's input must hold ceil({}/{ws}) = {c} elements, got {}",
+                output.len(),
+                output.len(),
+                input.len()
+            )));
+        }
+        if !self.shm() {
+            output.copy_from_slice(input);
+            return Ok(self.start(output, None));
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        // SAFETY: the scope keeps both buffers borrowed until this job is done.
+        let job: Job = Box::new(move |g| g.all_gather(unsafe { i.get() }, unsafe { o.get_mut() }));
+        Ok(self.start(output, Some(job)))
+    }
+
+    /// Non-blocking `Communicator::broadcast`.
+    pub fn broadcast<T: Elem>(&'s self, buf: &'s mut [T], root: usize) -> Result<Handle<'s, [T]>> {
+        let ws = self.comm.world_size();
+        if root >= ws {
+            return Err(CommError::invalid(format!(
+                "broadcast from root {root}: ranks are 0..{ws}"
+            )));
+        }
+        if !self.shm() {
+            return Ok(self.start(buf, None));
+        }
+        let p = Ptr::of_mut(buf);
+        // SAFETY: the scope keeps `buf` borrowed until this job is done.
+        let job: Job = Box::new(move |g| g.broadcast(unsafe { p.get_mut() }, root));
+        Ok(self.start(buf, Some(job)))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn nanos_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
