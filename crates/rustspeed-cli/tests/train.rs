@@ -284,7 +284,10 @@ fn eval_split_evaluates_on_schedule_rotates_checkpoints_and_plots() {
     );
     assert_ok(&result);
     let lines = metrics(&out);
-    let evals: Vec<&Value> = lines.iter().filter(|l| l.get("eval_loss").is_some()).collect();
+    let evals: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .collect();
     // Before training, at step 4 and at the end (step 6), one object each with exactly these
     // fields.
     assert_eq!(evals.len(), 3, "{lines:?}");
@@ -311,8 +314,7 @@ fn nvme_offload_and_a_foreign_checkpoint_exit_2() {
     let dir = tempdir("refuse");
     let (data, ds) = inputs(&dir);
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
-    config["zero_optimization"] =
-        serde_json::json!({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}});
+    config["zero_optimization"] = serde_json::json!({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}});
     let nvme = dir.join("nvme.json");
     std::fs::write(&nvme, config.to_string()).unwrap();
     let out = train(&data, &nvme, &dir.join("out"), &[]);
@@ -327,7 +329,10 @@ fn nvme_offload_and_a_foreign_checkpoint_exit_2() {
         &data,
         &ds,
         &dir.join("out2"),
-        &["--resume-from-checkpoint", dir.join("nope").to_str().unwrap()],
+        &[
+            "--resume-from-checkpoint",
+            dir.join("nope").to_str().unwrap(),
+        ],
     );
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such directory"));

@@ -123,7 +123,12 @@ fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
         assert_eq!(g["tokens"], w["tokens"], "step {step}");
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
         close(f(g, "lr"), f(w, "lr"), 1e-9, &format!("step {step} lr"));
-        close(f(g, "loss"), f(w, "loss"), 2e-6, &format!("step {step} loss"));
+        close(
+            f(g, "loss"),
+            f(w, "loss"),
+            2e-6,
+            &format!("step {step} loss"),
+        );
         close(
             f(g, "grad_norm"),
             f(w, "grad_norm"),
@@ -145,8 +150,7 @@ fn samples(file: &Path, format: Format) -> Vec<(Vec<u32>, Vec<i32>)> {
     cfg.format = Some(format);
     cfg.max_length = Some(256);
     cfg.chat_template =
-        ChatTemplate::from_tokenizer_config(&golden().join("model/tokenizer_config.json"))
-            .unwrap();
+        ChatTemplate::from_tokenizer_config(&golden().join("model/tokenizer_config.json")).unwrap();
     let special = SpecialIds {
         eos: tok.eos_token_id().unwrap(),
         bos: tok.bos_token_id(),

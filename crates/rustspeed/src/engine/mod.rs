@@ -20,15 +20,18 @@
 //! trainable parameters' flat layout ([`FlatLayout`]), and the optimizer steps the partition
 //! `[lo, hi)` (everything with one process).
 
+mod dp;
 mod eval;
 mod grads;
 mod resume;
 mod schedule;
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use rustspeed_config::{DsConfig, Precision};
-use rustspeed_kernels::optim::{clip_coefficient, grad_norm};
+use rustspeed_comm::{CommError, Communicator, ReduceOp};
+use rustspeed_config::{AllreduceOp, DsConfig, Precision};
+use rustspeed_kernels::optim::{clip_coefficient, grad_norm, GradNorm};
 use rustspeed_kernels::Float;
 use rustspeed_models::{Batch, Ctx, Flow, Model};
 
@@ -55,6 +58,12 @@ pub enum EngineError {
     LossScale(#[from] LossScaleError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error("communication: {0}")]
+    Comm(#[from] CommError),
+    #[error("the config resolved the data-parallel world size to {config}, but {comm} ranks are running")]
+    WorldMismatch { config: u64, comm: usize },
+    #[error("not supported yet: {0}")]
+    NotSupported(String),
     #[error("model parameters are {0}; the engine trains f32, bf16 or f16 parameters")]
     UnsupportedDtype(&'static str),
     #[error("the data-parallel world size is {0}; this engine runs one process (world size 1)")]
@@ -76,7 +85,6 @@ pub enum EngineError {
 }
 
 /// Choices that are not in the DeepSpeed config.
-#[derive(Debug)]
 pub struct EngineOptions {
     /// Which trainable parameters get weight decay (HF Trainer's rule by default).
     pub decay_rule: DecayRule,
@@ -85,6 +93,19 @@ pub struct EngineOptions {
     /// The schedule when the config has no `scheduler` block (HF Trainer builds its own
     /// then); `None` keeps the optimizer's lr constant, as DeepSpeed does.
     pub fallback_schedule: Option<LrScheduleParams>,
+    /// The data-parallel group; `None` (or a world of one) trains in this process alone.
+    pub comm: Option<Arc<Communicator>>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("decay_rule", &self.decay_rule)
+            .field("seed", &self.seed)
+            .field("fallback_schedule", &self.fallback_schedule)
+            .field("world", &self.comm.as_ref().map(|c| c.world_size()))
+            .finish()
+    }
 }
 
 impl Default for EngineOptions {
@@ -93,6 +114,7 @@ impl Default for EngineOptions {
             decay_rule: DecayRule::HfTrainer,
             seed: 42,
             fallback_schedule: None,
+            comm: None,
         }
     }
 }
@@ -143,9 +165,9 @@ pub struct Engine<T: Float> {
     scaler: LossScaler,
     check_overflow: bool,
     gas: u64,
-    /// Micro-batches the current step averages over: `gas`, or fewer for an epoch's last,
-    /// partial step (see [`Engine::train_partial_batch`]).
-    step_micro_batches: u64,
+    /// What each micro-batch's gradient is divided by: `gas`, or the step's micro-batch count
+    /// per rank for an epoch's last, partial step (see [`Engine::train_partial_batch`]).
+    step_divisor: f64,
     clipping: f64,
     micro_steps: u64,
     global_steps: u64,
@@ -154,6 +176,8 @@ pub struct Engine<T: Float> {
     seed: u64,
     pending: Option<Pending>,
     last_grad_norm: Option<f64>,
+    /// Set when training over several ranks.
+    dp: Option<dp::DataParallel>,
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -179,10 +203,24 @@ impl<T: Float> Engine<T> {
         }
         precision::check_dtype(config.precision, T::DTYPE)?;
         let world = config.batch.world_size.value;
-        if world != 1 {
+        let comm = options.comm.clone().filter(|c| c.world_size() > 1);
+        if comm.is_none() && world != 1 {
             return Err(EngineError::WorldSize(world));
         }
-        if config.zero_stage() > 0 {
+        if let Some(c) = &comm {
+            if c.world_size() as u64 != world {
+                return Err(EngineError::WorldMismatch {
+                    config: world,
+                    comm: c.world_size(),
+                });
+            }
+            if config.zero_stage() >= 3 {
+                return Err(EngineError::NotSupported(
+                    "ZeRO stage 3 over several ranks (issue 6); use stage 0-2".into(),
+                ));
+            }
+        }
+        if comm.is_none() && config.zero_stage() > 0 {
             tracing::warn!(
                 "ZeRO stage {} partitions nothing with one process; the single-process engine keeps every state whole (stage 0)",
                 config.zero_stage()
@@ -190,7 +228,21 @@ impl<T: Float> Engine<T> {
         }
         let spec = OptimizerSpec::from_config(config.optimizer.as_ref())?;
         let flat = FlatLayout::new(&model.layout, &options.decay_rule);
-        let partition: Range<usize> = 0..flat.numel;
+        let dp = comm.map(|c| {
+            let op = match config.gradient_allreduce_op {
+                AllreduceOp::Mean => ReduceOp::Mean,
+                AllreduceOp::Sum => ReduceOp::Sum,
+            };
+            dp::DataParallel::new(c, config.zero_stage(), op, flat.numel)
+        });
+        if dp.as_ref().is_some_and(|d| d.stage >= 1) && matches!(spec, OptimizerSpec::Lamb(_)) {
+            return Err(EngineError::NotSupported(
+                "LAMB with ZeRO stage 1-2 over several ranks (its per-tensor trust ratio needs norms across partitions)".into(),
+            ));
+        }
+        let partition: Range<usize> = dp
+            .as_ref()
+            .map_or(0..flat.numel, |d| d.partition(flat.numel));
         let master = if config.precision == Precision::Fp32 {
             Vec::new()
         } else {
@@ -214,14 +266,14 @@ impl<T: Float> Engine<T> {
             (None, None) => None,
         };
         let engine = Engine {
-            grads: vec![0.0; flat.numel],
+            grads: vec![0.0; dp.as_ref().map_or(flat.numel, |d| d.padded)],
             master,
             optimizer,
             scheduler,
             scaler: precision::loss_scaler(config)?,
             check_overflow: precision::checks_overflow(config),
             gas: config.gradient_accumulation_steps(),
-            step_micro_batches: config.gradient_accumulation_steps(),
+            step_divisor: config.gradient_accumulation_steps() as f64,
             clipping: config.gradient_clipping,
             micro_steps: 0,
             global_steps: 0,
@@ -230,6 +282,7 @@ impl<T: Float> Engine<T> {
             seed: options.seed,
             pending: None,
             last_grad_norm: None,
+            dp,
             flat,
             model,
             config: config.clone(),
@@ -262,7 +315,7 @@ impl<T: Float> Engine<T> {
         let grad_scale = if tokens == 0 {
             0.0
         } else {
-            (self.scaler.loss_scale() / (tokens as f64 * self.step_micro_batches as f64)) as f32
+            (self.scaler.loss_scale() / (tokens as f64 * self.step_divisor)) as f32
         };
         let ctx = Ctx {
             batch,
@@ -343,7 +396,16 @@ impl<T: Float> Engine<T> {
         let part = self.optimizer.partition.clone();
         let loss_scale = self.scaler.loss_scale();
         let lr = self.lr();
-        let norm = grad_norm(&self.grads[part]);
+        if let Some(dp) = &self.dp {
+            dp.reduce_grads(&mut self.grads, self.flat.numel)?;
+        }
+        let local = grad_norm(&self.grads[part]);
+        let norm = match &self.dp {
+            Some(dp) => GradNorm {
+                sum_sq: dp.global_sum_sq(local.sum_sq)?,
+            },
+            None => local,
+        };
         let overflow = self.check_overflow && !norm.is_finite();
         let grad_norm = norm.norm() / loss_scale;
         self.last_grad_norm = Some(grad_norm);
@@ -364,6 +426,9 @@ impl<T: Float> Engine<T> {
             let weights = precision::weights_view(&mut self.model.params, &mut self.master);
             self.optimizer
                 .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
+            if let Some(dp) = &self.dp {
+                dp.gather_params(&self.flat, &mut self.model.params)?;
+            }
             self.scaler.update_scale(false)?;
             if let Some(s) = &mut self.scheduler {
                 s.step();
@@ -390,6 +455,19 @@ impl<T: Float> Engine<T> {
             lr,
             loss_scale,
         })
+    }
+
+    /// The mean over ranks of a per-rank value (the value itself in one process).
+    fn global_mean(&self, x: f64) -> Result<f32, EngineError> {
+        Ok(match &self.dp {
+            Some(dp) => dp.mean(x)?,
+            None => x,
+        } as f32)
+    }
+
+    /// This rank's index and the number of data-parallel ranks.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.world()))
     }
 
     fn step_hyper(&self) -> StepHyper {
@@ -420,7 +498,7 @@ impl<T: Float> Engine<T> {
             self.backward()?;
             if let Some(step) = self.step()? {
                 return Ok(StepReport {
-                    loss: (sum / self.gas as f64) as f32,
+                    loss: self.global_mean(sum / self.gas as f64)?,
                     step,
                 });
             }
@@ -431,11 +509,13 @@ impl<T: Float> Engine<T> {
     /// An optimizer step over `batches.len()` micro-batches, which may be fewer than
     /// `gradient_accumulation_steps`: an epoch's last step when the data does not fill it
     /// (HF Trainer steps on it, `dataloader_drop_last` being false by default). The step's loss
-    /// and gradient are the mean over the micro-batches it has; the micro-step counter then
-    /// jumps to the next boundary, so later steps keep DeepSpeed's accounting.
+    /// and gradient are the mean over all the micro-batches it has (on every rank); the
+    /// micro-step counter then jumps to the next boundary, so later steps keep DeepSpeed's
+    /// accounting. Over several ranks every rank must call this (a rank may have no
+    /// micro-batch at all in a short last step).
     pub fn train_partial_batch(&mut self, batches: Vec<Batch>) -> Result<StepReport, EngineError> {
         let n = batches.len() as u64;
-        if n == self.gas {
+        if self.dp.is_none() && n == self.gas {
             return self.train_batch(&mut batches.into_iter());
         }
         let pending = self.micro_steps % self.gas;
@@ -445,34 +525,49 @@ impl<T: Float> Engine<T> {
                 gas: self.gas,
             });
         }
-        if n == 0 || n > self.gas {
+        if n > self.gas || (n == 0 && self.dp.is_none()) {
             return Err(EngineError::PartialStep {
                 gas: self.gas,
                 got: n,
             });
         }
-        self.step_micro_batches = n;
+        let (total, world) = match &self.dp {
+            Some(dp) => (dp.sum(n)?, dp.world() as u64),
+            None => (n, 1),
+        };
+        if total == 0 {
+            return Err(EngineError::PartialStep {
+                gas: self.gas,
+                got: 0,
+            });
+        }
+        // Each rank's gradient is divided by total/world, so the mean over ranks is the mean
+        // over all micro-batches (the sum, `gradient_allreduce_op: sum`, is world times it).
+        self.step_divisor = total as f64 / world as f64;
+        let start = self.micro_steps;
         let result = (|| {
             let mut sum = 0.0f64;
             let samples: u64 = batches.iter().map(|b| b.batch_size as u64).sum();
             for (i, batch) in batches.iter().enumerate() {
                 sum += self.forward(batch)? as f64;
                 self.backward()?;
-                if (i as u64) + 1 < n {
-                    self.micro_steps += 1;
-                }
+                self.micro_steps = start + i as u64 + 1;
             }
-            self.micro_steps += self.gas - n;
+            self.micro_steps = start + self.gas - 1;
             let mut step = self.take_model_step()?;
             self.micro_steps += 1;
+            let (sum, samples) = match &self.dp {
+                Some(dp) => (dp.mean(sum)? * world as f64, dp.sum(samples)?),
+                None => (sum, samples),
+            };
             self.global_samples = self.global_samples - self.config.train_batch_size() + samples;
             step.global_step = self.global_steps;
             Ok(StepReport {
-                loss: (sum / n as f64) as f32,
+                loss: (sum / total as f64) as f32,
                 step,
             })
         })();
-        self.step_micro_batches = self.gas;
+        self.step_divisor = self.gas as f64;
         result
     }
 

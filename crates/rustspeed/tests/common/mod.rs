@@ -304,6 +304,19 @@ pub fn config(json: &str) -> DsConfig {
     .unwrap()
 }
 
+/// The config resolved for `world` data-parallel ranks.
+#[allow(dead_code)]
+pub fn config_for_world(json: &str, world: u64) -> DsConfig {
+    resolve(
+        &parse(json, "test config").unwrap(),
+        &ResolveOptions {
+            world_size: rustspeed_config::WorldSize::flag(world),
+            training_args: None,
+        },
+    )
+    .unwrap()
+}
+
 pub fn f32s<T: Float>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }

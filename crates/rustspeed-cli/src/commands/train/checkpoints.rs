@@ -81,7 +81,10 @@ mod tests {
         std::fs::create_dir_all(dir.join("final")).unwrap();
         std::fs::write(dir.join("checkpoint-99"), "a file, not a checkpoint").unwrap();
         let deleted = rotate(&dir, 2).unwrap();
-        assert_eq!(deleted, vec![dir.join("checkpoint-2"), dir.join("checkpoint-4")]);
+        assert_eq!(
+            deleted,
+            vec![dir.join("checkpoint-2"), dir.join("checkpoint-4")]
+        );
         let left: Vec<u64> = checkpoints(&dir).unwrap().iter().map(|c| c.0).collect();
         assert_eq!(left, vec![10, 30]);
         assert!(dir.join("final").is_dir());

@@ -280,16 +280,22 @@ fn check_flags(args: &Args) -> anyhow::Result<()> {
         return usage("--per-device-eval-batch-size must be at least 1");
     }
     if args.save_total_limit == Some(0) {
-        return usage("--save-total-limit must be at least 1 (leave it out to keep every checkpoint)");
+        return usage(
+            "--save-total-limit must be at least 1 (leave it out to keep every checkpoint)",
+        );
     }
     if let Some(r) = args.warmup_ratio {
         if !(0.0..=1.0).contains(&r) {
-            return usage(&format!("--warmup-ratio {r}: expected a fraction in [0, 1]"));
+            return usage(&format!(
+                "--warmup-ratio {r}: expected a fraction in [0, 1]"
+            ));
         }
     }
     if let Some(f) = args.eval_split {
         if !(f > 0.0 && f < 1.0) {
-            return usage(&format!("--eval-split {f}: expected a fraction between 0 and 1"));
+            return usage(&format!(
+                "--eval-split {f}: expected a fraction between 0 and 1"
+            ));
         }
     }
     if let Some(t) = &args.lr_scheduler_type {

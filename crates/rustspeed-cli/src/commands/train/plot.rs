@@ -87,7 +87,9 @@ mod tests {
     #[test]
     fn writes_a_png_with_both_curves() {
         let path = std::env::temp_dir().join(format!("rustspeed-plot-{}.png", std::process::id()));
-        let train: Vec<(f64, f64)> = (1..=50).map(|s| (s as f64, 5.0 / (s as f64).sqrt())).collect();
+        let train: Vec<(f64, f64)> = (1..=50)
+            .map(|s| (s as f64, 5.0 / (s as f64).sqrt()))
+            .collect();
         let eval = [(25.0, 1.2), (50.0, 0.9)];
         write_loss_plot(&path, "test run", &train, &eval).unwrap();
         let bytes = std::fs::read(&path).unwrap();

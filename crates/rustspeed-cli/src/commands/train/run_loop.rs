@@ -16,8 +16,8 @@ use rustspeed_kernels::Float;
 use rustspeed_models::export::save_pretrained;
 use rustspeed_models::hf_config::Architecture;
 use rustspeed_models::loader::{build_model, load_model, LoadError};
-use rustspeed_models::{gpt2, llama};
 use rustspeed_models::Batch;
+use rustspeed_models::{gpt2, llama};
 use serde_json::json;
 
 use super::checkpoints::{latest_checkpoint, rotate, truncate_metrics};
@@ -232,8 +232,8 @@ impl Run<'_> {
             let secs = t.elapsed().as_secs_f64();
             total_tokens += tokens;
             let n = report.step.global_step;
-            let epoch = cursor.state().epoch as f64
-                + cursor.state().index as f64 / num_samples as f64;
+            let epoch =
+                cursor.state().epoch as f64 + cursor.state().index as f64 / num_samples as f64;
             write_metric(json!({
                 "step": n,
                 "epoch": epoch,
