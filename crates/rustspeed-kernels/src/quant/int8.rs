@@ -10,7 +10,8 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::Float;
+use super::four_bit::{as_bits_mut, to_bits};
+use crate::dtype::{DType, Float};
 
 /// `7.874015718698502e-3` (1/127) as torch applies it to an f32 tensor: the Python float
 /// rounded to f32.
@@ -37,10 +38,26 @@ pub(crate) fn quantize<T: Float>(w: &[T], rows: usize, cols: usize) -> (Vec<i8>,
     (q, absmax)
 }
 
+/// Below this many elements a row segment converts element by element rather than through a
+/// 256-entry table.
+const LUT_MIN_ELEMS: usize = 512;
+
 /// Dequantizes `q` (elements of one row whose absmax is `absmax`) into `out`.
 #[inline]
 pub(crate) fn dequantize_row<U: Float>(q: &[i8], absmax: f32, out: &mut [U]) {
-    for (o, &v) in out.iter_mut().zip(q) {
-        *o = U::from_f32(v as f32 * absmax * INV_127);
+    let value = |v: i8| U::from_f32(v as f32 * absmax * INV_127);
+    if U::DTYPE == DType::F32 || std::mem::size_of::<U>() != 2 || q.len() < LUT_MIN_ELEMS {
+        for (o, &v) in out.iter_mut().zip(q) {
+            *o = value(v);
+        }
+    } else {
+        // f32 -> bf16/f16 rounding costs more than a lookup: convert each of the 256 codes
+        // once per row (the same values, so the result is identical), and look up bits (see
+        // four_bit::dequantize_range for why).
+        let lut: [u16; 256] = std::array::from_fn(|i| to_bits(value(i as u8 as i8)));
+        let out = as_bits_mut(out).expect("2-byte element type");
+        for (o, &v) in out.iter_mut().zip(q) {
+            *o = lut[v as u8 as usize];
+        }
     }
 }

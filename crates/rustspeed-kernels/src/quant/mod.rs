@@ -547,7 +547,8 @@ mod tests {
     fn rows_and_blocks_equal_slices_of_the_whole() {
         let mut rng = Rng::new(2);
         // Odd in_features: rows start on odd elements and blocks straddle rows.
-        for (out, inp) in [(9, 67), (5, 130), (40, 33)] {
+        // 600 columns: int8 rows long enough for its lookup-table path.
+        for (out, inp) in [(9, 67), (5, 130), (40, 33), (5, 600)] {
             let w = rng.vec(out * inp, 0.5);
             for cfg in configs() {
                 let q = QuantMatrix::quantize(&w, out, inp, &cfg);
