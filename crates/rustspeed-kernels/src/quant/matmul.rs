@@ -1,10 +1,9 @@
 //! The linear layer over a quantized weight: `y = x W^T + b` forward and `dx = dy W` backward
 //! (the weight is frozen, so there is no `dW`). The weight is never dequantized whole: each
-//! call walks it in tiles of 64-256 rows (forward) or columns (backward) of `W`, at most
-//! [`TILE_ELEMS`] elements,
-//! dequantizes a tile into one small buffer (in parallel) and hands it to the ordinary gemm
-//! path ([`crate::matmul::matmul`], itself parallel), which sees a plain `[rows, in] x [in,
-//! tile]` product.
+//! call walks it in tiles of 64-256 rows (forward) or columns (backward) of `W` (at most 2M
+//! elements), dequantizes a tile into one small buffer (in parallel) and hands it to the
+//! ordinary gemm path ([`crate::matmul::matmul`], itself parallel), which sees a plain
+//! `[rows, in] x [in, tile]` product.
 //!
 //! The tile's element type is the compute type: bf16 when the activations are bf16 and the
 //! CPU has AVX512_BF16 (the `vdpbf16ps` kernel multiplies them as stored), f32 otherwise

@@ -12,6 +12,19 @@
 //!   in blocks of 256 ([`dynamic`]), as `compress_statistics=True`.
 //! - Int8 ([`int8`]): row-wise absmax, LLM.int8()'s weight format *without* the outlier
 //!   decomposition (`Linear8bitLt(threshold=0.0)`); `block_size`/`double_quant` do not apply.
+//!
+//! Where this departs from bitsandbytes, and why:
+//! - The reference is bitsandbytes' CUDA kernels (where every NF4 checkpoint comes from). Its
+//!   CPU build's pure-PyTorch backend differs from them on exact threshold ties (it uses f32
+//!   midpoints; CUDA uses literals, 4 of NF4's 15 an ulp away), on all-zero NF4 blocks (CUDA:
+//!   0 * (1/0) = NaN -> code 0, i.e. -1 * 0 = -0.0; CPU: code 7) and on which FP4 zero (+0/-0)
+//!   a tiny value gets. tools/golden/nf4_golden.py prints these differences when run.
+//! - The double-quant offset is the f64 mean of the absmax values rounded to f32; bitsandbytes
+//!   takes torch's f32 mean, whose last bit depends on the device's summation order.
+//! - `dequantize_*::<T>` rounds `code * absmax` to `T` once. bitsandbytes dequantizes to the
+//!   weight's original dtype and then casts to the compute dtype: the same unless those differ
+//!   and the original is not f32 (e.g. an f16 checkpoint computed in bf16).
+//! - Int8: an all-zero row stores 0s (torch's int8 cast of NaN is undefined).
 
 pub mod dynamic;
 pub mod four_bit;
