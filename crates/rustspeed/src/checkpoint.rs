@@ -175,16 +175,40 @@ pub fn write_checkpoint(
     tag: &str,
     files: &[(String, Vec<u8>)],
 ) -> Result<PathBuf, CheckpointError> {
+    let tmp = begin_checkpoint(dir, tag)?;
+    for (name, bytes) in files {
+        put_file(&tmp, name, bytes)?;
+    }
+    commit_checkpoint(dir, tag)
+}
+
+/// First phase of a save (one writer, rank 0): a fresh temporary directory for `tag`.
+/// Every rank then [`put_file`]s into it, and rank 0 [`commit_checkpoint`]s.
+pub fn begin_checkpoint(dir: &Path, tag: &str) -> Result<PathBuf, CheckpointError> {
     check_tag(tag)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(".{tag}.tmp"));
+    let tmp = temp_dir(dir, tag);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    for (name, bytes) in files {
-        write_synced(&tmp.join(name), bytes)?;
-    }
+    Ok(tmp)
+}
+
+/// Where a save of `tag` is written before it is renamed into place.
+pub fn temp_dir(dir: &Path, tag: &str) -> PathBuf {
+    dir.join(format!(".{tag}.tmp"))
+}
+
+/// Writes one file of a checkpoint being saved, fsynced.
+pub fn put_file(tmp: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+    write_synced(&tmp.join(name), bytes)
+}
+
+/// Last phase of a save (rank 0, after every rank's files are written): the temporary
+/// directory is renamed into place, then `latest` replaced.
+pub fn commit_checkpoint(dir: &Path, tag: &str) -> Result<PathBuf, CheckpointError> {
+    let tmp = temp_dir(dir, tag);
     sync_dir(&tmp)?;
     let target = dir.join(tag);
     // Saving the same tag twice replaces it (as DeepSpeed does); the old copy is moved

@@ -42,6 +42,19 @@ struct Run {
 
 /// Trains on `world` ranks; returns rank 0's view (every rank must agree, which is checked).
 fn run<T: Float>(world: usize, stage: u8, extra: &str) -> Run {
+    run_steps::<T>(world, stage, extra, 0..STEPS, None, None)
+}
+
+/// Steps `steps` of the data on `world` ranks, first loading the checkpoint in `load` (if
+/// any) and finally saving one into `save` (if any).
+fn run_steps<T: Float>(
+    world: usize,
+    stage: u8,
+    extra: &str,
+    steps: std::ops::Range<usize>,
+    load: Option<&std::path::Path>,
+    save: Option<&std::path::Path>,
+) -> Run {
     let data = data();
     let comms: Vec<Option<Arc<Communicator>>> = if world == 1 {
         vec![None]
@@ -58,7 +71,7 @@ fn run<T: Float>(world: usize, stage: u8, extra: &str) -> Run {
             .into_iter()
             .enumerate()
             .map(|(rank, comm)| {
-                let (cfg, data) = (&cfg, &data);
+                let (cfg, data, steps) = (&cfg, &data, steps.clone());
                 s.spawn(move || {
                     let built = tiny_model::<T>(3, true);
                     let options = EngineOptions {
@@ -66,14 +79,20 @@ fn run<T: Float>(world: usize, stage: u8, extra: &str) -> Run {
                         ..EngineOptions::default()
                     };
                     let mut e = Engine::initialize(built.model, cfg, options).unwrap();
+                    if let Some(dir) = load {
+                        e.load_checkpoint(dir, None).unwrap().unwrap();
+                    }
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
-                    for step in data {
+                    for step in &data[steps.clone()] {
                         // Contiguous rank shares of the global batch, as the data crate cuts them.
                         let per = GLOBAL / world;
                         let mine: Vec<Batch> = step[rank * per..(rank + 1) * per].to_vec();
                         let r = e.train_partial_batch(mine).unwrap();
                         losses.push(r.loss);
                         norms.push(r.step.grad_norm);
+                    }
+                    if let Some(dir) = save {
+                        e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
                     }
                     Run {
                         losses,
@@ -178,4 +197,55 @@ fn stage_3_over_ranks_is_refused_loudly() {
         }
     }
     assert!(errors[0].contains("not supported yet"), "{errors:?}");
+}
+
+/// Checkpoints that move: saved by 2 ranks at stage 2 (each rank writes its partition), resumed
+/// by 1 rank and by 4 ranks at stage 1 and by 2 ranks at stage 0; the rest of the run equals the
+/// uninterrupted one.
+#[test]
+fn a_checkpoint_saved_by_2_ranks_resumes_on_1_and_4() {
+    for (label, extra) in [("f32", ""), ("bf16", r#", "bf16": {"enabled": true}"#)] {
+        let tol = if extra.is_empty() { 1e-5 } else { 1e-2 };
+        let straight = |world, stage| {
+            if extra.is_empty() {
+                run::<f32>(world, stage, extra)
+            } else {
+                run::<bf16>(world, stage, extra)
+            }
+        };
+        let base = straight(1, 0);
+        let dir = scratch_dir(&format!("zero-move-{label}"));
+        let half = STEPS / 2;
+        let part = |world, stage, steps: std::ops::Range<usize>, load, save| {
+            if extra.is_empty() {
+                run_steps::<f32>(world, stage, extra, steps, load, save)
+            } else {
+                run_steps::<bf16>(world, stage, extra, steps, load, save)
+            }
+        };
+        part(2, 2, 0..half, None, Some(&dir));
+        let files: Vec<String> = std::fs::read_dir(dir.join(format!("global_step{half}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for r in 0..2 {
+            let f = format!("zero_pp_rank_{r}_mp_rank_00_optim_states.safetensors");
+            assert!(files.contains(&f), "{f} missing in {files:?}");
+        }
+        for (world, stage) in [(1, 0), (4, 1), (2, 0)] {
+            let rest = part(world, stage, half..STEPS, Some(&dir), None);
+            let want = Run {
+                losses: base.losses[half..].to_vec(),
+                norms: base.norms[half..].to_vec(),
+                params: base.params.clone(),
+            };
+            assert_same(
+                &rest,
+                &want,
+                tol,
+                &format!("{label}: resumed on {world} ranks, stage {stage}"),
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -14,6 +14,10 @@ use crate::checkpoint::{
 
 const MASTER: &str = "fp32_master";
 
+/// A rank's piece of the optimizer: fp32 master (empty in fp32 training), the optimizer's
+/// state buffers, and its step count.
+type Partition = (Vec<f32>, Vec<Vec<f32>>, u64);
+
 impl<T: Float> Engine<T> {
     fn param_shapes(&self, trainable: bool) -> Vec<ParamShape> {
         self.model
@@ -45,22 +49,37 @@ impl<T: Float> Engine<T> {
             optimizer: self.optimizer.spec.name().to_string(),
             param_shapes: self.param_shapes(true),
             frozen_param_shapes: self.param_shapes(false),
-            dp_world_size: 1,
+            dp_world_size: self.rank_and_world().1 as u64,
             mp_world_size: 1,
-            zero_stage: 0,
+            zero_stage: self.effective_stage(),
             ds_config: self.config.to_json(),
             client_state,
         }
     }
 
+    /// The ZeRO stage in effect: the config's over several ranks, 0 in one process.
+    fn effective_stage(&self) -> u8 {
+        self.dp.as_ref().map_or(0, |d| d.stage)
+    }
+
+    /// Whether each rank holds (and saves) only its piece of the optimizer state.
+    fn partitioned(&self) -> bool {
+        self.effective_stage() >= 1
+    }
+
     fn partition_metadata(&self) -> HashMap<String, String> {
         let p = &self.optimizer.partition;
+        let count = if self.partitioned() {
+            self.rank_and_world().1
+        } else {
+            1
+        };
         [
             ("format", "rustspeed".to_string()),
             ("optimizer", self.optimizer.spec.name().to_string()),
             ("optimizer_step", self.optimizer.step.to_string()),
-            ("zero_stage", "0".to_string()),
-            ("partition_count", "1".to_string()),
+            ("zero_stage", self.effective_stage().to_string()),
+            ("partition_count", count.to_string()),
             ("partition_lo", p.start.to_string()),
             ("partition_hi", p.end.to_string()),
             ("flat_numel", self.flat.numel.to_string()),
@@ -82,30 +101,68 @@ impl<T: Float> Engine<T> {
         let tag = tag
             .map(str::to_string)
             .unwrap_or_else(|| format!("global_step{}", self.global_steps));
-        let model_path = dir.join(&tag).join(MODEL_STATES);
-        let model_tensors: Vec<OutTensor> = self
-            .model
-            .layout
-            .slots()
-            .iter()
-            .map(|s| OutTensor {
-                name: s.spec.name.clone(),
-                dtype: T::DTYPE,
-                shape: s.spec.shape.clone(),
-                bytes: checkpoint::encode(
-                    self.model.params[s.range()].iter().map(|v| v.to_f32()),
-                    T::DTYPE,
-                ),
-            })
-            .collect();
-        let model_meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        let model_bytes = checkpoint::serialize(&model_tensors, model_meta, &model_path)?;
+        let rank = self.rank_and_world().0;
+        let barrier = || -> Result<(), EngineError> {
+            match &self.dp {
+                Some(d) => Ok(d.comm.barrier()?),
+                None => Ok(()),
+            }
+        };
+        // Rank 0 opens the temporary directory, every rank writes its files into it, rank 0
+        // renames it into place: the checkpoint appears whole or not at all.
+        barrier()?;
+        if rank == 0 {
+            checkpoint::begin_checkpoint(dir, &tag)?;
+        }
+        barrier()?;
+        let tmp = checkpoint::temp_dir(dir, &tag);
+        if rank == 0 || self.partitioned() {
+            let name = optim_states_file(rank as u64);
+            let bytes = self.optim_bytes(&tmp.join(&name))?;
+            checkpoint::put_file(&tmp, &name, &bytes)?;
+        }
+        if rank == 0 {
+            let model_path = tmp.join(MODEL_STATES);
+            let model_tensors: Vec<OutTensor> = self
+                .model
+                .layout
+                .slots()
+                .iter()
+                .map(|s| OutTensor {
+                    name: s.spec.name.clone(),
+                    dtype: T::DTYPE,
+                    shape: s.spec.shape.clone(),
+                    bytes: checkpoint::encode(
+                        self.model.params[s.range()].iter().map(|v| v.to_f32()),
+                        T::DTYPE,
+                    ),
+                })
+                .collect();
+            let model_meta: HashMap<String, String> =
+                [("format".to_string(), "pt".to_string())].into();
+            let model_bytes = checkpoint::serialize(&model_tensors, model_meta, &model_path)?;
+            checkpoint::put_file(&tmp, MODEL_STATES, &model_bytes)?;
+            let meta = serde_json::to_vec_pretty(&self.meta(client_state)).expect("plain data");
+            checkpoint::put_file(&tmp, MODEL_META, &meta)?;
+        }
+        barrier()?;
+        let path = if rank == 0 {
+            let path = checkpoint::commit_checkpoint(dir, &tag)?;
+            tracing::info!("saved checkpoint {}", path.display());
+            path
+        } else {
+            dir.join(&tag)
+        };
+        barrier()?;
+        Ok(path)
+    }
 
-        let optim_name = optim_states_file(0);
-        let optim_path = dir.join(&tag).join(&optim_name);
-        let mut optim_tensors = Vec::new();
+    /// This rank's optimizer file: fp32 master (16-bit training) and the optimizer states of
+    /// its partition, with the partition in the metadata.
+    fn optim_bytes(&self, path: &Path) -> Result<Vec<u8>, EngineError> {
+        let mut tensors = Vec::new();
         if !self.master.is_empty() {
-            optim_tensors.push(OutTensor::f32(MASTER, &self.master));
+            tensors.push(OutTensor::f32(MASTER, &self.master));
         }
         for (name, values) in self
             .optimizer
@@ -114,19 +171,13 @@ impl<T: Float> Engine<T> {
             .iter()
             .zip(&self.optimizer.states)
         {
-            optim_tensors.push(OutTensor::f32(name, values));
+            tensors.push(OutTensor::f32(name, values));
         }
-        let optim_bytes =
-            checkpoint::serialize(&optim_tensors, self.partition_metadata(), &optim_path)?;
-        let meta = serde_json::to_vec_pretty(&self.meta(client_state)).expect("plain data");
-        let files = vec![
-            (MODEL_STATES.to_string(), model_bytes),
-            (MODEL_META.to_string(), meta),
-            (optim_name, optim_bytes),
-        ];
-        let path = checkpoint::write_checkpoint(dir, &tag, &files)?;
-        tracing::info!("saved checkpoint {}", path.display());
-        Ok(path)
+        Ok(checkpoint::serialize(
+            &tensors,
+            self.partition_metadata(),
+            path,
+        )?)
     }
 
     /// Loads `<dir>/<tag>` (tag `None`: the one `latest` names) into this engine and returns
@@ -172,13 +223,6 @@ impl<T: Float> Engine<T> {
             ))
             .into());
         }
-        if meta.dp_world_size != 1 {
-            return Err(mismatch(format!(
-                "saved with data-parallel world size {}, loading with 1",
-                meta.dp_world_size
-            ))
-            .into());
-        }
         if meta.lr_scheduler.is_some() != self.scheduler.is_some() {
             return Err(mismatch(format!(
                 "the checkpoint {} an LR scheduler but the config {}",
@@ -206,53 +250,7 @@ impl<T: Float> Engine<T> {
             params.push((s.range(), v));
         }
 
-        let optim_path = tag_dir.join(optim_states_file(0));
-        let optim_bytes = checkpoint::read_file(&optim_path)?;
-        let info = checkpoint::metadata(&optim_bytes, &optim_path)?;
-        let want = self.partition_metadata();
-        for key in [
-            "partition_count",
-            "partition_lo",
-            "partition_hi",
-            "flat_numel",
-            "optimizer",
-        ] {
-            if info.get(key) != want.get(key) {
-                return Err(CheckpointError::Mismatch {
-                    path: optim_path,
-                    mismatch: format!(
-                        "{key} is {:?} in the checkpoint, {:?} here",
-                        info.get(key),
-                        want.get(key)
-                    ),
-                }
-                .into());
-            }
-        }
-        let optimizer_step: u64 = info
-            .get("optimizer_step")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| CheckpointError::Format {
-                path: optim_path.clone(),
-                message: "metadata `optimizer_step` is missing or not an integer".into(),
-            })?;
-        let st = checkpoint::parse(&optim_bytes, &optim_path)?;
-        let n = self.optimizer.partition.len();
-        let master = if self.master.is_empty() {
-            Vec::new()
-        } else {
-            checkpoint::read_values(&st, MASTER, rustspeed_kernels::DType::F32, n, &optim_path)?
-        };
-        let mut states = Vec::new();
-        for name in self.optimizer.spec.state_names() {
-            states.push(checkpoint::read_values(
-                &st,
-                name,
-                rustspeed_kernels::DType::F32,
-                n,
-                &optim_path,
-            )?);
-        }
+        let (master, states, optimizer_step) = self.read_partition(&tag_dir)?;
 
         // Everything is read and checked: apply.
         for (range, v) in params {
@@ -280,6 +278,96 @@ impl<T: Float> Engine<T> {
             self.global_steps
         );
         Ok(Some(meta.client_state))
+    }
+
+    /// This rank's partition of the fp32 master and optimizer states, assembled from every
+    /// saved rank's file that overlaps it: a checkpoint saved with N ranks loads with M ranks
+    /// at any stage (the flat layout is the same; only the cut differs).
+    fn read_partition(
+        &self,
+        tag_dir: &Path,
+    ) -> Result<Partition, EngineError> {
+        let first = tag_dir.join(optim_states_file(0));
+        let first_bytes = checkpoint::read_file(&first)?;
+        let info = checkpoint::metadata(&first_bytes, &first)?;
+        let field = |info: &HashMap<String, String>, key: &str, path: &Path| {
+            info.get(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| CheckpointError::Format {
+                    path: path.to_path_buf(),
+                    message: format!("metadata `{key}` is missing or not an integer"),
+                })
+        };
+        let count = field(&info, "partition_count", &first)? as usize;
+        let want = self.partition_metadata();
+        let mine = self.optimizer.partition.clone();
+        let n = mine.len();
+        let with_master = !self.master.is_empty();
+        let names = self.optimizer.spec.state_names();
+        let mut master = vec![0f32; if with_master { n } else { 0 }];
+        let mut states = vec![vec![0f32; n]; names.len()];
+        let (mut covered, mut optimizer_step) = (0usize, None);
+        for r in 0..count {
+            let path = tag_dir.join(optim_states_file(r as u64));
+            let bytes = if r == 0 {
+                first_bytes.clone()
+            } else {
+                checkpoint::read_file(&path)?
+            };
+            let info = checkpoint::metadata(&bytes, &path)?;
+            for key in ["flat_numel", "optimizer"] {
+                if info.get(key) != want.get(key) {
+                    return Err(CheckpointError::Mismatch {
+                        path,
+                        mismatch: format!(
+                            "{key} is {:?} in the checkpoint, {:?} here",
+                            info.get(key),
+                            want.get(key)
+                        ),
+                    }
+                    .into());
+                }
+            }
+            let step = field(&info, "optimizer_step", &path)?;
+            if *optimizer_step.get_or_insert(step) != step {
+                return Err(CheckpointError::Format {
+                    path,
+                    message: "ranks saved different optimizer steps".into(),
+                }
+                .into());
+            }
+            let lo = field(&info, "partition_lo", &path)? as usize;
+            let hi = field(&info, "partition_hi", &path)? as usize;
+            let (a, b) = (lo.max(mine.start), hi.min(mine.end));
+            if a >= b {
+                continue;
+            }
+            let st = checkpoint::parse(&bytes, &path)?;
+            let f32_ = rustspeed_kernels::DType::F32;
+            let copy = |name: &str, dst: &mut [f32]| -> Result<(), EngineError> {
+                let v = checkpoint::read_values(&st, name, f32_, hi - lo, &path)?;
+                dst[a - mine.start..b - mine.start].copy_from_slice(&v[a - lo..b - lo]);
+                Ok(())
+            };
+            if with_master {
+                copy(MASTER, &mut master)?;
+            }
+            for (name, dst) in names.iter().zip(&mut states) {
+                copy(name, dst)?;
+            }
+            covered += b - a;
+        }
+        if covered != n {
+            return Err(CheckpointError::Format {
+                path: tag_dir.to_path_buf(),
+                message: format!(
+                    "the saved partitions cover {covered} of this rank's {n} elements [{}, {})",
+                    mine.start, mine.end
+                ),
+            }
+            .into());
+        }
+        Ok((master, states, optimizer_step.unwrap_or(0)))
     }
 }
 
