@@ -299,3 +299,55 @@ fn every_user_config_trains() {
         assert!(out.join("final/config.json").is_file());
     }
 }
+
+/// `--nproc-per-node 2` (the launcher, shared-memory collectives, ZeRO-2) trains like one
+/// process: same losses, grad norms and lrs step by step; rank 0 alone writes the outputs.
+#[test]
+fn two_ranks_at_stage_2_train_like_one_process() {
+    let dir = tempdir("ranks");
+    let ds = write_config(
+        &dir,
+        serde_json::json!({
+            "train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 2}
+        }),
+    );
+    let data = golden().join("text.jsonl");
+    let runs: Vec<Vec<Value>> = [None, Some("2")]
+        .iter()
+        .map(|ranks| {
+            let out = dir.join(format!("out-{}", ranks.unwrap_or("1")));
+            let mut extra = vec!["--no-shuffle", "--warmup-steps", "1"];
+            if let Some(n) = ranks {
+                extra.extend(["--nproc-per-node", n]);
+            }
+            let result = short_run(&data, &ds, &out, &extra);
+            assert_ok(&result);
+            if ranks.is_some() {
+                let stderr = String::from_utf8_lossy(&result.stderr);
+                assert!(
+                    stderr.contains("[rank 1]") || stderr.contains("[rank 0]"),
+                    "{stderr}"
+                );
+            }
+            assert!(out.join("final/config.json").is_file());
+            metrics(&out)
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 2);
+    assert_eq!(runs[1].len(), 2, "rank 0 alone writes metrics.jsonl");
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!(a["tokens"], b["tokens"]);
+        for key in ["loss", "grad_norm", "lr"] {
+            close(
+                b[key].as_f64().unwrap(),
+                a[key].as_f64().unwrap(),
+                1e-5,
+                &format!("step {} {key}", a["step"]),
+            );
+        }
+    }
+}

@@ -283,10 +283,7 @@ impl<T: Float> Engine<T> {
     /// This rank's partition of the fp32 master and optimizer states, assembled from every
     /// saved rank's file that overlaps it: a checkpoint saved with N ranks loads with M ranks
     /// at any stage (the flat layout is the same; only the cut differs).
-    fn read_partition(
-        &self,
-        tag_dir: &Path,
-    ) -> Result<Partition, EngineError> {
+    fn read_partition(&self, tag_dir: &Path) -> Result<Partition, EngineError> {
         let first = tag_dir.join(optim_states_file(0));
         let first_bytes = checkpoint::read_file(&first)?;
         let info = checkpoint::metadata(&first_bytes, &first)?;

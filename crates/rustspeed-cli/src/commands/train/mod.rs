@@ -6,7 +6,9 @@
 //! `dataloader_drop_last`). Checkpoints carry the data cursor, so a resumed run trains on
 //! exactly the samples an uninterrupted run would.
 //!
-//! World size 1 for now (issue 6 brings ranks).
+//! Several ranks: `--nproc-per-node N` relaunches this command through `rustspeed launch`;
+//! under a launcher (RANK/WORLD_SIZE set) each rank trains on its share of every global batch
+//! with ZeRO stages 0-2, and rank 0 alone writes logs, metrics, plots and the export.
 
 mod checkpoints;
 mod plot;
@@ -14,9 +16,11 @@ mod run_loop;
 mod source;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use rustspeed::lr_schedule::{HfScheduleParams, HfScheduleType, LrScheduleParams};
+use rustspeed_comm::Communicator;
 use rustspeed_config::{
     load, resolve, AdamParams, DsConfig, OffloadDevice, Optimizer, OptimizerConfig, Precision,
     ResolveOptions, TrainingArgs, WorldSize, WorldSizeSource,
@@ -106,6 +110,9 @@ pub struct Args {
     pub bf16: bool,
     #[arg(long)]
     pub fp16: bool,
+    /// Data-parallel ranks on this machine: relaunches this command under `rustspeed launch`.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
     /// Train from random weights (HF's `from_config` and `_init_weights`, seeded by --seed):
     /// only config.json and the tokenizer of --model are read.
     #[arg(long)]
@@ -163,6 +170,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     check_flags(&args)?;
+    if let Some(n) = args.nproc_per_node.filter(|&n| n > 1) {
+        if std::env::var_os("RANK").is_none() {
+            return relaunch(n);
+        }
+    }
+    let comm =
+        Communicator::from_env().map_err(|e| UsageError(format!("launcher environment: {e}")))?;
+    let comm = (comm.world_size() > 1).then(|| Arc::new(comm));
+    let world = comm.as_ref().map_or(1, |c| c.world_size() as u64);
     let source = source::open_source(&args.model)?;
     let max_pos = source.config.max_position_embeddings;
     let block_size = args.block_size.unwrap_or(max_pos.min(1024));
@@ -201,8 +217,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let resolve_with = |targs: &TrainingArgs| {
         let opts = ResolveOptions {
             world_size: WorldSize {
-                value: 1,
-                source: WorldSizeSource::Default,
+                value: world,
+                source: if world > 1 {
+                    WorldSizeSource::LauncherEnv("WORLD_SIZE".into())
+                } else {
+                    WorldSizeSource::Default
+                },
             },
             training_args: Some(targs.clone()),
         };
@@ -244,11 +264,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config: &config,
         max_steps,
         fallback_schedule,
+        comm,
     };
     match config.precision {
         Precision::Fp32 => run.train::<f32>(),
         Precision::Bf16 => run.train::<bf16>(),
         Precision::Fp16 => run.train::<f16>(),
+    }
+}
+
+/// `rustspeed train --nproc-per-node N ARGS` = `rustspeed launch --nproc-per-node N --
+/// rustspeed train ARGS`: the same arguments, minus the rank count, in every rank.
+fn relaunch(n: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("locating rustspeed: {e}"))?;
+    let mut rest: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--nproc-per-node" {
+            args.next();
+        } else if !a.starts_with("--nproc-per-node=") {
+            rest.push(a);
+        }
+    }
+    let status = std::process::Command::new(&exe)
+        .args(["launch", "--nproc-per-node", &n.to_string(), "--"])
+        .arg(&exe)
+        .args(&rest)
+        .status()
+        .map_err(|e| anyhow::anyhow!("starting rustspeed launch: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        // The launcher has already said which rank failed and why.
+        std::process::exit(status.code().unwrap_or(1));
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use rustspeed::engine::{Engine, EngineOptions};
 use rustspeed::lr_schedule::LrScheduleParams;
+use rustspeed_comm::Communicator;
 use rustspeed_config::DsConfig;
 use rustspeed_data::{collate, DataCursor, DataOrder, DataState, PreparedData, Sample};
 use rustspeed_kernels::Float;
@@ -43,6 +44,8 @@ pub struct Run<'a> {
     pub config: &'a DsConfig,
     pub max_steps: u64,
     pub fallback_schedule: Option<LrScheduleParams>,
+    /// The data-parallel group when several ranks run.
+    pub comm: Option<Arc<Communicator>>,
 }
 
 /// The first Ctrl-C asks the loop to save and stop after the current step; a second one exits
@@ -112,9 +115,13 @@ impl Run<'_> {
         let options = EngineOptions {
             seed: args.seed,
             fallback_schedule: self.fallback_schedule.clone(),
+            comm: self.comm.clone(),
             ..EngineOptions::default()
         };
         let mut engine = Engine::initialize(model, self.config, options)?;
+        let (rank, world) = engine.rank_and_world();
+        // Rank 0 writes every file and log; the other ranks only train.
+        let main = rank == 0;
         let micro = self.config.micro_batch_size() as usize;
         let global = self.config.train_batch_size() as usize;
         let drop_last = self.config.dataloader_drop_last;
@@ -147,22 +154,31 @@ impl Run<'_> {
         let metrics_path = out.join("metrics.jsonl");
         let mut cursor = DataCursor::new(order);
         if let Some(dir) = &args.resume_from_checkpoint {
-            cursor = self.resume(&mut engine, dir, order, &metrics_path)?;
-        } else if metrics_path.exists() {
+            cursor = self.resume(&mut engine, dir, order, &metrics_path, main)?;
+        } else if main && metrics_path.exists() {
             std::fs::remove_file(&metrics_path)
                 .with_context(|| format!("removing {}", metrics_path.display()))?;
         }
         let (mut train_curve, mut eval_curve) = read_curves(&metrics_path);
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
-        let mut write_metric = |line: serde_json::Value| {
-            writeln!(metrics, "{line}")
-                .with_context(|| format!("writing {}", metrics_path.display()))
+        let mut metrics = if main {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .with_context(|| format!("opening {}", metrics_path.display()))?,
+            )
+        } else {
+            None
         };
-        eprintln!(
+        let mut write_metric = |line: serde_json::Value| match &mut metrics {
+            Some(m) => {
+                writeln!(m, "{line}").with_context(|| format!("writing {}", metrics_path.display()))
+            }
+            None => Ok(()),
+        };
+        if main {
+            eprintln!(
             "training {} ({param_count} params, {}) on {num_samples} samples{}: micro batch {micro} x accumulation {} = {global}, {} steps ({steps_per_epoch} per epoch), loaded in {:.1}s",
             args.model.display(),
             T::DTYPE,
@@ -171,8 +187,19 @@ impl Run<'_> {
             self.max_steps,
             t0.elapsed().as_secs_f64()
         );
+            if world > 1 {
+                eprintln!(
+                    "{world} ranks, ZeRO stage {}, each rank trains on its share of every global batch",
+                    self.config.zero_stage()
+                );
+            }
+        }
 
-        let bar = indicatif::ProgressBar::new(self.max_steps);
+        let bar = if main {
+            indicatif::ProgressBar::new(self.max_steps)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
                 .expect("a valid template"),
@@ -180,7 +207,8 @@ impl Run<'_> {
         bar.set_position(engine.global_steps());
         // A hidden bar (stderr not a terminal) drops its println; logs must still appear.
         let log = |line: String| {
-            if bar.is_hidden() {
+            if !main {
+            } else if bar.is_hidden() {
                 eprintln!("{line}");
             } else {
                 bar.println(line);
@@ -197,6 +225,9 @@ impl Run<'_> {
                 .map_or("data".into(), |n| n.to_string_lossy())
         );
         let plot = |train: &[(f64, f64)], eval: &[(f64, f64)]| {
+            if !main {
+                return;
+            }
             if let Err(e) = write_loss_plot(&plot_path, &title, train, eval) {
                 tracing::warn!("{e:#}");
             }
@@ -208,6 +239,7 @@ impl Run<'_> {
         let (mut total_tokens, t_train) = (0u64, Instant::now());
         let mut last_eval: Option<(u64, f64)> = None;
         let mut last_saved = None;
+        let eval_samples = eval_samples.filter(|_| main);
         if let Some(eval) = eval_samples.filter(|_| args.eval_on_start) {
             if engine.global_steps() == 0 {
                 let loss = evaluate(&mut engine, eval, args.per_device_eval_batch_size, pad)?;
@@ -219,7 +251,7 @@ impl Run<'_> {
         while engine.global_steps() < self.max_steps {
             let step = cursor.next_step(global);
             let batches: Vec<Batch> = step
-                .samples
+                .for_rank(rank, world)
                 .chunks(micro)
                 .map(|idx| {
                     let refs: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
@@ -271,13 +303,19 @@ impl Run<'_> {
                 last_eval = Some((n, loss));
                 log(format!("step {n}: eval_loss {loss:.4}"));
             }
-            let stop = interrupted.load(Ordering::SeqCst);
+            let mut stop = interrupted.load(Ordering::SeqCst);
+            if let Some(c) = &self.comm {
+                // Every rank must agree to stop at the same step: the save is collective.
+                let mut flag = [if stop { 1f32 } else { 0f32 }];
+                c.all_reduce(&mut flag, rustspeed_comm::ReduceOp::Max)?;
+                stop = flag[0] > 0.0;
+            }
             if (args.save_steps > 0 && n % args.save_steps == 0) || stop {
                 let dir = out.join(format!("checkpoint-{n}"));
                 engine.save_checkpoint(&dir, None, json!({ "data": cursor.state() }))?;
                 log(format!("saved {}", dir.display()));
                 last_saved = Some(dir);
-                if let Some(limit) = args.save_total_limit {
+                if let Some(limit) = args.save_total_limit.filter(|_| main) {
                     for d in rotate(out, limit)? {
                         tracing::info!("--save-total-limit {limit}: deleted {}", d.display());
                     }
@@ -296,6 +334,9 @@ impl Run<'_> {
         }
         bar.finish_and_clear();
         let train_secs = t_train.elapsed().as_secs_f64();
+        if !main {
+            return Ok(());
+        }
         plot(&train_curve, &eval_curve);
 
         let final_dir = out.join("final");
@@ -335,6 +376,7 @@ impl Run<'_> {
         dir: &str,
         order: DataOrder,
         metrics_path: &Path,
+        main: bool,
     ) -> anyhow::Result<DataCursor> {
         let dir = if dir.is_empty() {
             latest_checkpoint(&self.args.output_dir)?
@@ -358,7 +400,9 @@ impl Run<'_> {
             ))
         })?;
         let cursor = DataCursor::resume(order, state).map_err(|e| DataError(e.to_string()))?;
-        truncate_metrics(metrics_path, engine.global_steps())?;
+        if main {
+            truncate_metrics(metrics_path, engine.global_steps())?;
+        }
         tracing::info!(
             "resumed from {} at step {}",
             dir.display(),
