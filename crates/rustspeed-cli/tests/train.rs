@@ -385,7 +385,7 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
         .map(|s| s.to_string())
         .collect()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+    let child = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
         .args(base(&out, "100000"))
         .stderr(std::process::Stdio::piped())
         .spawn()
