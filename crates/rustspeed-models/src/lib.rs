@@ -7,14 +7,18 @@ pub mod gpt2;
 pub mod hf_config;
 pub mod init;
 pub mod layer;
+pub(crate) mod linear;
 pub mod llama;
 pub mod loader;
 pub mod model;
 pub mod params;
+pub mod peft;
 pub mod tokenizer;
+pub mod tuning;
 pub mod weights;
 
 pub use error::ModelError;
 pub use layer::{Batch, Ctx, Flow, Layer, LossSum, IGNORE_INDEX};
 pub use model::Model;
 pub use params::{ParamLayout, ParamSpec};
+pub use tuning::Tuning;

@@ -6,12 +6,15 @@ use rustspeed_kernels::Float;
 
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::params::{LayoutError, ParamLayout};
+use crate::tuning::Tuning;
 
 pub struct Model<T: Float> {
     pub layers: Vec<Box<dyn Layer<T>>>,
     pub layout: ParamLayout,
     /// Every parameter, layer after layer (see [`ParamLayout`]).
     pub params: Vec<T>,
+    /// What trains (set by the builders): full fine-tuning or the LoRA plan.
+    pub tuning: Tuning,
 }
 
 impl<T: Float> Model<T> {
@@ -25,6 +28,7 @@ impl<T: Float> Model<T> {
             layers,
             layout,
             params,
+            tuning: Tuning::full(),
         })
     }
 

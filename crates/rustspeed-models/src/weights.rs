@@ -116,8 +116,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
 }
 
 /// Fills `params` (laid out by `layout`) from the safetensors weights in `dir`. Every parameter
-/// must be found exactly once with the right shape; any other tensor is an error unless the
-/// rules ignore it.
+/// must be found exactly once with the right shape (except LoRA adapter parameters, which a
+/// base checkpoint never holds); any other tensor is an error unless the rules ignore it.
 pub fn load_hf_weights<T: Float>(
     dir: &Path,
     layout: &ParamLayout,
@@ -183,7 +183,7 @@ pub fn load_hf_weights<T: Float>(
         .slots()
         .iter()
         .zip(&filled)
-        .filter(|(_, f)| !**f)
+        .filter(|(s, f)| !**f && !crate::tuning::is_adapter_param(&s.spec.name))
         .map(|(s, _)| s.spec.name.as_str())
         .collect();
     if !missing.is_empty() {
@@ -195,7 +195,7 @@ pub fn load_hf_weights<T: Float>(
     Ok(())
 }
 
-fn convert_into<T: Float>(
+pub(crate) fn convert_into<T: Float>(
     path: &Path,
     name: &str,
     dtype: StDtype,
@@ -266,6 +266,44 @@ impl<T: Float> View for OutTensor<'_, T> {
     fn data_len(&self) -> usize {
         self.values.len() * self.dtype.size_in_bytes()
     }
+}
+
+/// Writes `tensors` (name, values, shape) to the safetensors file `path` in `dtype`, through a
+/// temporary name and a rename.
+pub fn save_tensors<T: Float>(
+    path: &Path,
+    tensors: &[(String, &[T], Vec<usize>)],
+    dtype: DType,
+) -> Result<(), WeightsError> {
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, OutTensor<T>)> = tensors
+        .iter()
+        .map(|(name, values, shape)| {
+            assert_eq!(
+                values.len(),
+                shape.iter().product::<usize>(),
+                "save_tensors: `{name}` values and shape disagree"
+            );
+            let t = OutTensor {
+                values,
+                shape: shape.clone(),
+                dtype,
+            };
+            (name.clone(), t)
+        })
+        .collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        WeightsError::Format {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Default shard limit, as transformers' `save_pretrained(max_shard_size="5GB")`.
