@@ -13,6 +13,7 @@ pub mod loader;
 pub mod model;
 pub mod params;
 pub mod peft;
+pub mod recompute;
 pub mod tokenizer;
 pub mod tuning;
 pub mod weights;

@@ -6,6 +6,7 @@ use rustspeed_kernels::Float;
 
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::params::{LayoutError, ParamLayout};
+use crate::recompute::Recomputed;
 use crate::tuning::Tuning;
 
 pub struct Model<T: Float> {
@@ -15,6 +16,8 @@ pub struct Model<T: Float> {
     pub params: Vec<T>,
     /// What trains (set by the builders): full fine-tuning or the LoRA plan.
     pub tuning: Tuning,
+    /// Whether the blocks recompute their activations in backward.
+    checkpointing: bool,
 }
 
 impl<T: Float> Model<T> {
@@ -29,7 +32,36 @@ impl<T: Float> Model<T> {
             layout,
             params,
             tuning: Tuning::full(),
+            checkpointing: false,
         })
+    }
+
+    /// Activation checkpointing of every layer between the embedding (first) and the head
+    /// (last): each keeps only its input in a training forward and recomputes its activations
+    /// in backward (see [`Recomputed`]). Same gradients, bit for bit; far less activation memory.
+    pub fn enable_gradient_checkpointing(&mut self) {
+        if self.checkpointing || self.layers.len() < 3 {
+            self.checkpointing = true;
+            return;
+        }
+        let last = self.layers.len() - 1;
+        let layers = std::mem::take(&mut self.layers);
+        self.layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 || i == last {
+                    l
+                } else {
+                    Box::new(Recomputed::new(l)) as Box<dyn Layer<T>>
+                }
+            })
+            .collect();
+        self.checkpointing = true;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// The named parameter's values.

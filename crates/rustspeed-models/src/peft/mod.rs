@@ -51,4 +51,4 @@ pub enum PeftError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
