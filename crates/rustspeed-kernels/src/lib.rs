@@ -13,6 +13,7 @@ pub mod embedding;
 pub mod layernorm;
 pub mod matmul;
 pub mod optim;
+pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;

@@ -65,7 +65,7 @@ pub(crate) fn convert_into<S: Float, D: Float>(dst: &mut [D], src: &[S]) {
 }
 
 /// Views `s` as bf16 when `T` is bf16, to reach the `vdpbf16ps` path without a copy.
-fn as_bf16<T: Float>(s: &[T]) -> Option<&[bf16]> {
+pub(crate) fn as_bf16<T: Float>(s: &[T]) -> Option<&[bf16]> {
     if TypeId::of::<T>() == TypeId::of::<bf16>() {
         // SAFETY: T is bf16, so the slice already is a &[bf16].
         Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<bf16>(), s.len()) })
