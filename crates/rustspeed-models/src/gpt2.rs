@@ -32,7 +32,7 @@ use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig};
 use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
-use crate::linear::{grad_if, Linear};
+use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
 use crate::tuning::Tuning;
@@ -662,6 +662,13 @@ impl<T: Float> Layer<T> for Block<T> {
 
     fn own_params(&self) -> Vec<ParamSpec> {
         self.specs.clone()
+    }
+
+    fn quantized(&self) -> Vec<QuantTarget> {
+        [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj]
+            .into_iter()
+            .filter_map(Linear::quant_target)
+            .collect()
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {

@@ -7,7 +7,7 @@ pub mod gpt2;
 pub mod hf_config;
 pub mod init;
 pub mod layer;
-pub(crate) mod linear;
+pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod model;

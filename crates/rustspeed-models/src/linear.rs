@@ -9,9 +9,14 @@
 //! stored. Frozen weights get no `dW` matmul at all: that is a third of a linear layer's
 //! backward, saved.
 
+use std::sync::{Arc, OnceLock};
+
 use rustspeed_kernels::dropout::{dropout_inplace, dropout_key};
 use rustspeed_kernels::matmul::{
-    linear_backward, linear_forward, matmul, LinearShape, WeightLayout,
+    column_sums_accumulate, linear_backward, linear_forward, matmul, LinearShape, WeightLayout,
+};
+use rustspeed_kernels::quant::{
+    quant_linear_backward_input, quant_linear_forward, QuantConfig, QuantMatrix,
 };
 use rustspeed_kernels::residual::add_inplace;
 use rustspeed_kernels::Float;
@@ -35,13 +40,75 @@ pub(crate) struct Lora {
     pub site: u64,
 }
 
+/// A frozen weight held quantized outside the flat parameter buffer, in `nn.Linear` layout
+/// (`[out, in]`; a Conv1D weight is transposed when quantized). Filled once, when the weights
+/// are loaded (see [`crate::model::Model::quantized`]).
+pub type QuantSlot = Arc<OnceLock<QuantMatrix>>;
+
+/// A quantized frozen weight to fill when loading: the checkpoint tensor `name` (shape as
+/// stored: `[out, in]`, or `[in, out]` for a Conv1D, which is transposed before quantizing).
+#[derive(Clone, Debug)]
+pub struct QuantTarget {
+    pub name: String,
+    pub slot: QuantSlot,
+    pub inp: usize,
+    pub out: usize,
+    pub layout: WeightLayout,
+}
+
+impl QuantTarget {
+    /// The checkpoint's shape of the tensor.
+    pub fn shape(&self) -> Vec<usize> {
+        match self.layout {
+            WeightLayout::OutIn => vec![self.out, self.inp],
+            WeightLayout::InOut => vec![self.inp, self.out],
+        }
+    }
+
+    /// Quantizes the checkpoint's values (in its layout) into the slot.
+    pub fn fill(&self, values: &[f32], config: &QuantConfig) -> Result<(), String> {
+        let owned;
+        let w = match self.layout {
+            WeightLayout::OutIn => values,
+            WeightLayout::InOut => {
+                let (inp, out) = (self.inp, self.out);
+                let mut t = vec![0f32; values.len()];
+                for i in 0..inp {
+                    for o in 0..out {
+                        t[o * inp + i] = values[i * out + o];
+                    }
+                }
+                owned = t;
+                &owned
+            }
+        };
+        let q = QuantMatrix::try_quantize(w, self.out, self.inp, config)
+            .map_err(|e| format!("`{}`: {e}", self.name))?;
+        self.slot
+            .set(q)
+            .map_err(|_| format!("`{}` was loaded twice", self.name))
+    }
+}
+
+/// The weight of a linear module.
+#[derive(Clone, Debug)]
+pub(crate) enum Weight {
+    /// Index of the dense weight in the layer's parameter list.
+    Dense(usize),
+    /// A frozen quantized weight (QLoRA): forward and the input gradient dequantize a tile at a
+    /// time; it has no gradient.
+    Quant(QuantSlot),
+}
+
 /// One linear module of a layer: indices into the layer's parameter list and shapes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Linear {
     pub inp: usize,
     pub out: usize,
     pub layout: WeightLayout,
-    pub w: usize,
+    /// The module's checkpoint name, e.g. `model.layers.0.self_attn.q_proj`.
+    pub module: String,
+    pub weight: Weight,
     pub b: Option<usize>,
     pub train_w: bool,
     pub train_b: bool,
@@ -73,7 +140,15 @@ impl Linear {
             WeightLayout::OutIn => [out, inp],
             WeightLayout::InOut => [inp, out],
         };
-        let (w, train_w) = push(format!("{module}.weight"), &w_shape);
+        let w_name = format!("{module}.weight");
+        let (weight, train_w) = match tuning.quantization() {
+            // Quantize only what stays frozen: a trained weight needs its dense values.
+            Some(_) if !tuning.trainable(&w_name) => (Weight::Quant(QuantSlot::default()), false),
+            _ => {
+                let (w, t) = push(w_name, &w_shape);
+                (Weight::Dense(w), t)
+            }
+        };
         let (b, train_b) = if bias {
             let (i, t) = push(format!("{module}.bias"), &[out]);
             (Some(i), t)
@@ -101,12 +176,33 @@ impl Linear {
             inp,
             out,
             layout,
-            w,
+            module: module.to_string(),
+            weight,
             b,
             train_w,
             train_b,
             lora,
         }
+    }
+
+    /// What loading must fill when the weight is held quantized.
+    pub fn quant_target(&self) -> Option<QuantTarget> {
+        match &self.weight {
+            Weight::Quant(slot) => Some(QuantTarget {
+                name: format!("{}.weight", self.module),
+                slot: slot.clone(),
+                inp: self.inp,
+                out: self.out,
+                layout: self.layout,
+            }),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// The quantized weight, once loaded.
+    fn quant(slot: &QuantSlot) -> &QuantMatrix {
+        slot.get()
+            .expect("a quantized weight is filled when the model's weights are loaded")
     }
 
     pub fn shape(&self, rows: usize) -> LinearShape {
@@ -138,6 +234,14 @@ impl Linear {
         layer: usize,
     ) {
         let bias = self.b.map(|i| params[i]);
+        let w = match &self.weight {
+            Weight::Dense(w) => *w,
+            Weight::Quant(q) => {
+                quant_linear_forward(y, x, Self::quant(q), bias, rows, residual);
+                self.lora_forward(y, x, params, rows, ctx, layer);
+                return;
+            }
+        };
         if residual {
             if let Some(b) = bias {
                 for row in y.chunks_exact_mut(self.out) {
@@ -148,7 +252,7 @@ impl Linear {
             matmul(
                 y,
                 x,
-                params[self.w],
+                params[w],
                 rows,
                 self.inp,
                 self.out,
@@ -157,8 +261,21 @@ impl Linear {
                 true,
             );
         } else {
-            linear_forward(y, x, params[self.w], bias, self.shape(rows));
+            linear_forward(y, x, params[w], bias, self.shape(rows));
         }
+        self.lora_forward(y, x, params, rows, ctx, layer);
+    }
+
+    /// `y += lora(x)` when the module has an adapter.
+    fn lora_forward<T: Float>(
+        &self,
+        y: &mut [T],
+        x: &[T],
+        params: &[&[T]],
+        rows: usize,
+        ctx: &Ctx,
+        layer: usize,
+    ) {
         if let Some(lora) = &self.lora {
             let key = Self::lora_key(lora, ctx, ctx.train, layer);
             let (u, _) = self.lora_down(lora, x, params, rows, key);
@@ -224,26 +341,39 @@ impl Linear {
         ctx: &Ctx,
         layer: usize,
     ) {
-        let mut dw = self.train_w.then(|| std::mem::take(&mut grads[self.w]));
-        let mut db = match self.b {
-            Some(i) if self.train_b => Some(std::mem::take(&mut grads[i])),
-            _ => None,
-        };
-        linear_backward(
-            dx.as_deref_mut(),
-            accumulate_dx,
-            dw.as_deref_mut(),
-            db.as_deref_mut(),
-            dy,
-            x,
-            params[self.w],
-            self.shape(rows),
-        );
-        if let Some(dw) = dw {
-            grads[self.w] = dw;
-        }
-        if let (Some(i), Some(db)) = (self.b, db) {
-            grads[i] = db;
+        match &self.weight {
+            Weight::Dense(w) => {
+                let w = *w;
+                let mut dw = self.train_w.then(|| std::mem::take(&mut grads[w]));
+                let mut db = match self.b {
+                    Some(i) if self.train_b => Some(std::mem::take(&mut grads[i])),
+                    _ => None,
+                };
+                linear_backward(
+                    dx.as_deref_mut(),
+                    accumulate_dx,
+                    dw.as_deref_mut(),
+                    db.as_deref_mut(),
+                    dy,
+                    x,
+                    params[w],
+                    self.shape(rows),
+                );
+                if let Some(dw) = dw {
+                    grads[w] = dw;
+                }
+                if let (Some(i), Some(db)) = (self.b, db) {
+                    grads[i] = db;
+                }
+            }
+            Weight::Quant(q) => {
+                if let Some(dx) = dx.as_deref_mut() {
+                    quant_linear_backward_input(dx, dy, Self::quant(q), rows, accumulate_dx);
+                }
+                if let Some(i) = self.b.filter(|_| self.train_b) {
+                    column_sums_accumulate(&mut *grads[i], dy, rows, self.out);
+                }
+            }
         }
         let Some(lora) = &self.lora else {
             return;
@@ -368,7 +498,8 @@ mod tests {
             inp,
             out,
             layout,
-            w: 0,
+            module: "m".into(),
+            weight: Weight::Dense(0),
             b: Some(1),
             train_w,
             train_b: true,
@@ -468,7 +599,8 @@ mod tests {
             inp: 2,
             out: 2,
             layout: WeightLayout::OutIn,
-            w: 0,
+            module: "m".into(),
+            weight: Weight::Dense(0),
             b: None,
             train_w: false,
             train_b: false,

@@ -37,7 +37,7 @@ use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig, RopeScaling};
 use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
-use crate::linear::{grad_if, Linear};
+use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
 use crate::tuning::Tuning;
@@ -480,6 +480,15 @@ impl<T: Float> Layer<T> for Decoder<T> {
         self.specs.clone()
     }
 
+    fn quantized(&self) -> Vec<QuantTarget> {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+        .into_iter()
+        .filter_map(Linear::quant_target)
+        .collect()
+    }
+
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
         let batch = ctx.batch;
         let rows = batch.rows();
@@ -513,7 +522,11 @@ impl<T: Float> Layer<T> for Decoder<T> {
         let n1 = sized(normed, rows * d);
         rmsnorm_forward(n1, &mut s.rstd1, &x, params[self.norm1], rows, d, self.eps);
         let layer = self.index;
-        for (lin, out) in [(self.q, &mut s.q), (self.k, &mut s.k), (self.v, &mut s.v)] {
+        for (lin, out) in [
+            (&self.q, &mut s.q),
+            (&self.k, &mut s.k),
+            (&self.v, &mut s.v),
+        ] {
             lin.forward(out, n1, params, rows, false, ctx, layer);
         }
         self.rope_apply(&mut s.q, batch, self.heads, true);
@@ -527,7 +540,7 @@ impl<T: Float> Layer<T> for Decoder<T> {
 
         let n2 = sized(normed, rows * d);
         rmsnorm_forward(n2, &mut s.rstd2, &h, params[self.norm2], rows, d, self.eps);
-        for (lin, out) in [(self.gate, &mut s.gate), (self.up, &mut s.up)] {
+        for (lin, out) in [(&self.gate, &mut s.gate), (&self.up, &mut s.up)] {
             lin.forward(out, n2, params, rows, false, ctx, layer);
         }
         let m = sized(mid, rows * ffn);

@@ -13,7 +13,7 @@ use crate::hf_config::{Architecture, ModelConfig};
 use crate::model::Model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::tuning::{is_adapter_param, Tuning};
-use crate::weights::{load_hf_weights, NameRules};
+use crate::weights::{load_model_weights, NameRules};
 use crate::{gpt2, llama};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,8 @@ pub enum LoadError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error("{path}: quantizing a frozen weight: {message}")]
+    Quantize { path: PathBuf, message: String },
     #[error("{path}: neither an HF model directory (with config.json) nor a .gguf file")]
     NotAModel { path: PathBuf },
     #[error("{path}: the model needs tensor `{name}` (GGUF `{gguf}`), which the file lacks")]
@@ -144,8 +146,7 @@ pub fn load_hf_dir_tuned<T: Float>(
 ) -> Result<LoadedModel<T>, LoadError> {
     let config = ModelConfig::from_path(dir).map_err(ModelError::from)?;
     let mut model = build_model_tuned::<T>(&config, tuning)?;
-    load_hf_weights(dir, &model.layout, &mut model.params, &name_rules(&config))
-        .map_err(ModelError::from)?;
+    load_model_weights(dir, &mut model, &name_rules(&config)).map_err(ModelError::from)?;
     let tokenizer = match Tokenizer::from_dir(dir) {
         Ok(t) => Some(t),
         Err(TokenizerError::NotFound { .. }) => None,
@@ -184,7 +185,26 @@ pub fn fill_from_gguf<T: Float>(
     model: &mut Model<T>,
 ) -> Result<(), LoadError> {
     let mut filled = vec![false; model.layout.slots().len()];
+    let quant = model.tuning.quantization().copied();
     for (gguf, name) in file.hf_names()? {
+        if let (Some(q), Some(qc)) = (model.quantized.iter().find(|q| q.name == name), &quant) {
+            let info = file.tensor_info(&gguf).expect("listed by hf_names");
+            if info.shape() != q.shape() {
+                return Err(LoadError::Shape {
+                    path: file.path.clone(),
+                    name,
+                    gguf,
+                    got: info.shape(),
+                    want: q.shape(),
+                });
+            }
+            let values = file.hf_tensor(&gguf, cfg.num_attention_heads, cfg.num_key_value_heads)?;
+            q.fill(&values, qc).map_err(|message| LoadError::Quantize {
+                path: file.path.clone(),
+                message,
+            })?;
+            continue;
+        }
         let Some(id) = model
             .layout
             .slots()
@@ -214,6 +234,13 @@ pub fn fill_from_gguf<T: Float>(
             *dst = T::from_f32(v);
         }
         filled[id] = true;
+    }
+    if let Some(q) = model.quantized.iter().find(|q| q.slot.get().is_none()) {
+        return Err(LoadError::MissingTensor {
+            path: file.path.clone(),
+            name: q.name.clone(),
+            gguf: gguf_name(&q.name).unwrap_or_else(|| "?".into()),
+        });
     }
     let needed = |id: usize| !is_adapter_param(&model.layout.slots()[id].spec.name);
     if let Some(id) = (0..filled.len()).find(|&id| !filled[id] && needed(id)) {

@@ -5,6 +5,7 @@
 use rustspeed_kernels::Float;
 
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::linear::QuantTarget;
 use crate::params::{LayoutError, ParamLayout};
 use crate::recompute::Recomputed;
 use crate::tuning::Tuning;
@@ -18,6 +19,8 @@ pub struct Model<T: Float> {
     pub tuning: Tuning,
     /// Whether the blocks recompute their activations in backward.
     checkpointing: bool,
+    /// Frozen weights the layers hold quantized (QLoRA), outside `params`.
+    pub quantized: Vec<QuantTarget>,
 }
 
 impl<T: Float> Model<T> {
@@ -27,12 +30,14 @@ impl<T: Float> Model<T> {
         let tied: Vec<_> = layers.iter().map(|l| l.tied_params()).collect();
         let layout = ParamLayout::new(&own, &tied)?;
         let params = vec![T::default(); layout.numel()];
+        let quantized = layers.iter().flat_map(|l| l.quantized()).collect();
         Ok(Model {
             layers,
             layout,
             params,
             tuning: Tuning::full(),
             checkpointing: false,
+            quantized,
         })
     }
 
@@ -58,6 +63,20 @@ impl<T: Float> Model<T> {
             })
             .collect();
         self.checkpointing = true;
+    }
+
+    /// Elements of the weights held quantized (not in `params`).
+    pub fn quantized_numel(&self) -> usize {
+        self.quantized.iter().map(|q| q.inp * q.out).sum()
+    }
+
+    /// Bytes of the weights held quantized (those loaded so far).
+    pub fn quantized_bytes(&self) -> usize {
+        self.quantized
+            .iter()
+            .filter_map(|q| q.slot.get())
+            .map(|m| m.bytes())
+            .sum()
     }
 
     pub fn gradient_checkpointing(&self) -> bool {

@@ -38,6 +38,10 @@ impl<T: Float> Layer<T> for Recomputed<T> {
         self.inner.tied_params()
     }
 
+    fn quantized(&self) -> Vec<crate::linear::QuantTarget> {
+        self.inner.quantized()
+    }
+
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
         if ctx.train {
             self.input = Some(flow.hidden.clone());

@@ -3,6 +3,8 @@
 //! builders read it to declare the adapter parameters and each parameter's `trainable` flag,
 //! and the layers skip the gradients of frozen parameters (no dW matmul for a frozen weight).
 
+use rustspeed_kernels::quant::QuantConfig;
+
 use crate::hf_config::ModelConfig;
 use crate::peft::targets::{self, Resolved};
 use crate::peft::{LoraConfig, LoraModule, PeftError};
@@ -10,6 +12,8 @@ use crate::peft::{LoraConfig, LoraModule, PeftError};
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
     lora: Option<LoraPlan>,
+    /// Frozen linear weights held quantized (QLoRA).
+    quant: Option<QuantConfig>,
 }
 
 /// A LoRA config resolved against one architecture.
@@ -46,7 +50,35 @@ impl Tuning {
         let resolved = targets::resolve(&config, cfg)?;
         Ok(Tuning {
             lora: Some(LoraPlan { config, resolved }),
+            quant: None,
         })
+    }
+
+    /// Holds every frozen Linear/Conv1D weight of the blocks quantized (`--quantize`), as
+    /// bitsandbytes does: embeddings, norms and the LM head stay dense. The dense values are
+    /// quantized as they are loaded and never kept. Only with adapters: a trained weight needs
+    /// its dense values.
+    pub fn with_quantization(mut self, quant: QuantConfig) -> Result<Tuning, PeftError> {
+        if self.lora.is_none() {
+            return Err(PeftError::Unsupported {
+                file: "--quantize".into(),
+                key: "quantize".into(),
+                value: quant.format.name().into(),
+                hint: "a quantized base trains only through adapters; add LoRA (--lora-r or --peft-config) or drop --quantize".into(),
+            });
+        }
+        quant.validate().map_err(|e| PeftError::Invalid {
+            file: "--quantize".into(),
+            key: "quantize".into(),
+            value: quant.format.name().into(),
+            expected: e.to_string(),
+        })?;
+        self.quant = Some(quant);
+        Ok(self)
+    }
+
+    pub fn quantization(&self) -> Option<&QuantConfig> {
+        self.quant.as_ref()
     }
 
     pub fn lora_plan(&self) -> Option<&LoraPlan> {

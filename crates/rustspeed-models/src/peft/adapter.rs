@@ -299,7 +299,7 @@ fn thousands(n: u64) -> String {
 pub fn param_counts<T: Float>(model: &Model<T>) -> ParamCounts {
     ParamCounts {
         trainable: model.layout.trainable_numel() as u64,
-        total: model.layout.numel() as u64,
+        total: (model.layout.numel() + model.quantized_numel()) as u64,
     }
 }
 

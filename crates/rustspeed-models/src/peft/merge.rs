@@ -22,6 +22,14 @@ pub fn merge_lora<T: Float>(model: &Model<T>, cfg: &ModelConfig) -> Result<Model
         path: "<model>".into(),
         message: "merge_lora: the model has no LoRA adapters".into(),
     })?;
+    if !model.quantized.is_empty() {
+        return Err(PeftError::Unsupported {
+            file: "merge".into(),
+            key: "quantize".into(),
+            value: format!("{} quantized base weights", model.quantized.len()),
+            hint: "merging into a quantized base would round the merged weights to 4/8 bits; merge the adapter into the dense base (rustspeed merge-lora --model BASE --adapter OUT/final)".into(),
+        });
+    }
     let mut merged = build_model_tuned::<T>(cfg, &Tuning::full())?;
     for slot in merged.layout.slots().to_vec() {
         let src = model

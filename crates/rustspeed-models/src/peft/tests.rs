@@ -9,24 +9,20 @@ use crate::loader::build_model_tuned;
 use crate::model::Model;
 use crate::tuning::{is_adapter_param, Tuning};
 
+const GPT2_JSON: &str = r#"{"model_type": "gpt2", "vocab_size": 11, "n_embd": 8, "n_head": 2,
+    "n_layer": 2, "n_positions": 8, "n_inner": 16, "embd_pdrop": 0.0, "resid_pdrop": 0.1,
+    "attn_pdrop": 0.0}"#;
+
+const LLAMA_JSON: &str = r#"{"model_type": "llama", "vocab_size": 20, "hidden_size": 16,
+    "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "tie_word_embeddings": false, "attention_bias": true}"#;
+
 pub(crate) fn gpt2_cfg() -> ModelConfig {
-    ModelConfig::from_json_str(
-        "gpt2",
-        r#"{"model_type": "gpt2", "vocab_size": 11, "n_embd": 8, "n_head": 2, "n_layer": 2,
-            "n_positions": 8, "n_inner": 16, "embd_pdrop": 0.0, "resid_pdrop": 0.1,
-            "attn_pdrop": 0.0}"#,
-    )
-    .unwrap()
+    ModelConfig::from_json_str("gpt2", GPT2_JSON).unwrap()
 }
 
 pub(crate) fn llama_cfg() -> ModelConfig {
-    ModelConfig::from_json_str(
-        "llama",
-        r#"{"model_type": "llama", "vocab_size": 20, "hidden_size": 16,
-            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "tie_word_embeddings": false, "attention_bias": true}"#,
-    )
-    .unwrap()
+    ModelConfig::from_json_str("llama", LLAMA_JSON).unwrap()
 }
 
 pub(crate) fn lora(json: &str, cfg: &ModelConfig) -> Tuning {
@@ -186,4 +182,153 @@ fn a_fresh_adapter_leaves_the_model_unchanged() {
         assert_eq!(counts.trainable, lora_numel as u64);
         assert_eq!(counts.total, (base.params.len() + lora_numel) as u64);
     }
+}
+
+/// A random dense model saved as an HF directory (what a QLoRA run loads and quantizes).
+fn saved_base(json: &str, seed: u64) -> std::path::PathBuf {
+    let cfg = ModelConfig::from_json_str("base", json).unwrap();
+    let m = random_model(&cfg, &Tuning::full(), seed);
+    let dir = std::env::temp_dir().join(format!("rustspeed-qlora-{}-{seed}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config: serde_json::Value = serde_json::from_str(json).unwrap();
+    crate::export::save_pretrained(
+        &dir,
+        &config,
+        &m,
+        rustspeed_kernels::DType::F32,
+        None,
+        crate::export::DEFAULT_MAX_SHARD_BYTES,
+    )
+    .unwrap();
+    dir
+}
+
+/// The quantized model against a dense one whose base weights are the dequantized ones, same
+/// adapters (random B so they matter): same loss, same adapter gradients.
+#[test]
+fn qlora_forward_and_gradients_equal_dense_with_dequantized_weights() {
+    use rustspeed_kernels::matmul::WeightLayout;
+    use rustspeed_kernels::quant::QuantConfig;
+    for (json, seed) in [(GPT2_JSON, 21), (LLAMA_JSON, 22)] {
+        let dir = saved_base(json, seed);
+        let cfg = ModelConfig::from_json_str("base", json).unwrap();
+        let plain = lora(
+            r#"{"peft_type": "LORA", "target_modules": "all-linear", "r": 2, "bias": "lora_only"}"#,
+            &cfg,
+        );
+        for q in [
+            QuantConfig::nf4(true),
+            QuantConfig::fp4(false),
+            QuantConfig::int8(),
+        ] {
+            let tuning = plain.clone().with_quantization(q).unwrap();
+            let mut qm = crate::loader::load_model_tuned::<f32>(&dir, &tuning, 1)
+                .unwrap()
+                .model;
+            let mut dm = crate::loader::load_model_tuned::<f32>(&dir, &plain, 1)
+                .unwrap()
+                .model;
+            // Memory is the point: the quantized weights are not in the parameter buffer.
+            assert!(!qm.quantized.is_empty());
+            assert_eq!(qm.params.len() + qm.quantized_numel(), dm.params.len());
+            // Well under half of f32 storage even at these tiny shapes (scales dominate).
+            assert!(qm.quantized_bytes() < qm.quantized_numel() * 2);
+            for t in &qm.quantized {
+                let mut w = vec![0f32; t.inp * t.out];
+                t.slot.get().unwrap().dequantize_into(&mut w);
+                let dst = dm.param_mut(&t.name).unwrap();
+                match t.layout {
+                    WeightLayout::OutIn => dst.copy_from_slice(&w),
+                    WeightLayout::InOut => {
+                        for o in 0..t.out {
+                            for i in 0..t.inp {
+                                dst[i * t.out + o] = w[o * t.inp + i];
+                            }
+                        }
+                    }
+                }
+            }
+            let mut rng = NormalRng::new(seed);
+            for slot in qm.layout.slots().to_vec() {
+                if slot.spec.trainable {
+                    let v: Vec<f32> = (0..slot.spec.numel())
+                        .map(|_| 0.2 * rng.normal() as f32)
+                        .collect();
+                    qm.params[slot.range()].copy_from_slice(&v);
+                    dm.param_mut(&slot.spec.name).unwrap().copy_from_slice(&v);
+                }
+            }
+            let b = batch(cfg.vocab_size, 4);
+            let mut gq = vec![0f32; qm.params.len()];
+            let mut gd = vec![0f32; dm.params.len()];
+            let lq = qm.forward_backward(&mut gq, &b, 0.1, 3).mean();
+            let ld = dm.forward_backward(&mut gd, &b, 0.1, 3).mean();
+            assert!(
+                (lq - ld).abs() <= 1e-5 * ld,
+                "{q:?}: loss {lq} vs dense {ld}"
+            );
+            for slot in qm.layout.slots() {
+                let d = dm.layout.get(&slot.spec.name).unwrap();
+                assert_eq!(d.spec.trainable, slot.spec.trainable);
+                if !slot.spec.trainable {
+                    continue;
+                }
+                let (a, b) = (&gq[slot.range()], &gd[d.range()]);
+                let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * scale,
+                        "{q:?} `{}`: {x} vs dense {y}",
+                        slot.spec.name
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn qlora_training_lowers_the_loss() {
+    use rustspeed_kernels::quant::QuantConfig;
+    let dir = saved_base(LLAMA_JSON, 31);
+    let cfg = llama_cfg();
+    let tuning = lora(
+        r#"{"peft_type": "LORA", "target_modules": "all-linear", "r": 4}"#,
+        &cfg,
+    )
+    .with_quantization(QuantConfig::nf4(true))
+    .unwrap();
+    let mut m = crate::loader::load_model_tuned::<f32>(&dir, &tuning, 5)
+        .unwrap()
+        .model;
+    m.enable_gradient_checkpointing();
+    let b = batch(cfg.vocab_size, 6);
+    let first = m.forward(&b, false, 0).mean();
+    for step in 0..40 {
+        let mut g = vec![0f32; m.params.len()];
+        m.forward_backward(&mut g, &b, 1.0 / b.label_tokens() as f32, step);
+        for slot in m.layout.slots().to_vec() {
+            if slot.spec.trainable {
+                for i in slot.range() {
+                    m.params[i] -= 0.5 * g[i];
+                }
+            }
+        }
+    }
+    let last = m.forward(&b, false, 0).mean();
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quantization_needs_adapters() {
+    let err = Tuning::full()
+        .with_quantization(rustspeed_kernels::quant::QuantConfig::nf4(false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not supported yet") && err.contains("LoRA"),
+        "{err}"
+    );
 }
