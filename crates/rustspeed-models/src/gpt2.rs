@@ -24,7 +24,7 @@ use rustspeed_kernels::cross_entropy::{
 use rustspeed_kernels::dropout::{dropout_inplace, dropout_key};
 use rustspeed_kernels::embedding::{embedding_backward, embedding_forward};
 use rustspeed_kernels::layernorm::{layernorm_backward, layernorm_forward};
-use rustspeed_kernels::matmul::{linear_backward, linear_forward, LinearShape, WeightLayout};
+use rustspeed_kernels::matmul::WeightLayout;
 use rustspeed_kernels::residual::residual_forward;
 use rustspeed_kernels::Float;
 
@@ -32,8 +32,10 @@ use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig};
 use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
+use crate::tuning::Tuning;
 use crate::weights::NameRules;
 
 const WTE: &str = "transformer.wte.weight";
@@ -80,15 +82,6 @@ impl Dims {
             attn_pdrop: cfg.dropout.attention,
         }
     }
-
-    fn linear(&self, rows: usize, inp: usize, out: usize) -> LinearShape {
-        LinearShape {
-            rows,
-            in_features: inp,
-            out_features: out,
-            layout: WeightLayout::InOut,
-        }
-    }
 }
 
 /// Whether this implementation can train the configuration faithfully, as
@@ -102,6 +95,13 @@ pub fn check_trainable(_cfg: &ModelConfig) -> Result<(), ModelError> {
 /// Builds `GPT2LMHeadModel` with zeroed parameters (fill them with [`init_weights`] or
 /// `load_hf_weights` and [`name_rules`]).
 pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
+    build_tuned(cfg, &Tuning::full())
+}
+
+/// [`build`] for `tuning`: LoRA adapters on the modules it targets (parameters
+/// `<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]` after the module's own),
+/// and every parameter's `trainable` flag as it says.
+pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model<T>, ModelError> {
     if cfg.architecture != Architecture::Gpt2 {
         return Err(ModelError::Unsupported {
             what: "architecture".into(),
@@ -129,19 +129,30 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
         dims,
         index: 0,
         positions: Vec::new(),
+        train: [tuning.trainable(WTE), tuning.trainable(WPE)],
     }));
     for i in 0..cfg.num_hidden_layers {
-        layers.push(Box::new(Block {
-            name: format!("transformer.h.{i}"),
+        layers.push(Box::new(Block::new(
+            format!("transformer.h.{i}"),
             dims,
-            index: i + 1,
-            acts: Acts::default(),
-            scratch: Arc::clone(&scratch),
-        }));
+            i + 1,
+            tuning,
+            Arc::clone(&scratch),
+        )));
     }
+    let head_weight = if cfg.tie_word_embeddings {
+        WTE
+    } else {
+        LM_HEAD
+    };
     layers.push(Box::new(Head {
         dims,
         tied: cfg.tie_word_embeddings,
+        train: [
+            tuning.trainable(LN_F_WEIGHT),
+            tuning.trainable(LN_F_BIAS),
+            tuning.trainable(head_weight),
+        ],
         x: Vec::new(),
         normed: Vec::new(),
         mean: Vec::new(),
@@ -150,7 +161,9 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
         dx: None,
         logits: Vec::new(),
     }));
-    Ok(Model::new(layers)?)
+    let mut model = Model::new(layers)?;
+    model.tuning = tuning.clone();
+    Ok(model)
 }
 
 /// What GPT-2 checkpoints hold besides the parameters: the causal-mask buffers `.attn.bias` and
@@ -275,6 +288,8 @@ struct Embedding {
     dims: Dims,
     index: usize,
     positions: Vec<u32>,
+    /// Whether `wte` and `wpe` train.
+    train: [bool; 2],
 }
 
 impl Embedding {
@@ -301,8 +316,8 @@ impl<T: Float> Layer<T> for Embedding {
     fn own_params(&self) -> Vec<ParamSpec> {
         let d = self.dims.d;
         vec![
-            ParamSpec::new(WTE, &[self.dims.vocab, d]),
-            ParamSpec::new(WPE, &[self.dims.max_positions, d]),
+            ParamSpec::new(WTE, &[self.dims.vocab, d]).with_trainable(self.train[0]),
+            ParamSpec::new(WPE, &[self.dims.max_positions, d]).with_trainable(self.train[1]),
         ]
     }
 
@@ -330,15 +345,23 @@ impl<T: Float> Layer<T> for Embedding {
     fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
         let batch = ctx.batch;
         self.check_batch(batch);
+        if self.train == [false, false] {
+            flow.hidden.clear();
+            return;
+        }
         fill_positions(&mut self.positions, batch);
         let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
         dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
         let d = self.dims.d;
         let (wte, wpe) = pair(grads, 0);
-        embedding_backward(wte, &batch.input_ids, &flow.hidden, d)
-            .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
-        embedding_backward(wpe, &self.positions, &flow.hidden, d)
-            .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
+        if self.train[0] {
+            embedding_backward(wte, &batch.input_ids, &flow.hidden, d)
+                .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
+        }
+        if self.train[1] {
+            embedding_backward(wpe, &self.positions, &flow.hidden, d)
+                .unwrap_or_else(|e| panic!("GPT-2 embedding backward: {e}"));
+        }
         // The token ids have no gradient.
         flow.hidden.clear();
     }
@@ -395,6 +418,85 @@ struct Block<T> {
     index: usize,
     acts: Acts<T>,
     scratch: Arc<Mutex<Scratch<T>>>,
+    /// The parameters in transformers' order (each Conv1D's LoRA after its weight and bias).
+    specs: Vec<ParamSpec>,
+    /// `ln_1` and `ln_2`: indices of weight and bias.
+    ln1: [usize; 2],
+    ln2: [usize; 2],
+    c_attn: Linear,
+    c_proj: Linear,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+impl<T: Float> Block<T> {
+    fn new(
+        name: String,
+        dims: Dims,
+        index: usize,
+        tuning: &Tuning,
+        scratch: Arc<Mutex<Scratch<T>>>,
+    ) -> Self {
+        let Dims { d, ffn, .. } = dims;
+        let mut specs = Vec::new();
+        let norm = |specs: &mut Vec<ParamSpec>, module: &str| {
+            let mut ids = [0; 2];
+            for (k, p) in ["weight", "bias"].iter().enumerate() {
+                let name = format!("{name}.{module}.{p}");
+                let trainable = tuning.trainable(&name);
+                ids[k] = specs.len();
+                specs.push(ParamSpec::new(name, &[d]).with_trainable(trainable));
+            }
+            ids
+        };
+        let conv = |specs: &mut Vec<ParamSpec>, module: &str, inp, out, site| {
+            let module = format!("{name}.{module}");
+            Linear::declare(
+                specs,
+                &module,
+                inp,
+                out,
+                WeightLayout::InOut,
+                true,
+                tuning,
+                site,
+            )
+        };
+        let ln1 = norm(&mut specs, "ln_1");
+        let c_attn = conv(&mut specs, "attn.c_attn", d, 3 * d, 0);
+        let c_proj = conv(&mut specs, "attn.c_proj", d, d, 1);
+        let ln2 = norm(&mut specs, "ln_2");
+        let c_fc = conv(&mut specs, "mlp.c_fc", d, ffn, 2);
+        let mlp_proj = conv(&mut specs, "mlp.c_proj", ffn, d, 3);
+        Block {
+            name,
+            dims,
+            index,
+            acts: Acts::default(),
+            scratch,
+            specs,
+            ln1,
+            ln2,
+            c_attn,
+            c_proj,
+            c_fc,
+            mlp_proj,
+        }
+    }
+}
+
+/// The gradient views of a norm's weight and bias (`ids`), `None` where frozen.
+fn norm_grads<'a>(
+    specs: &[ParamSpec],
+    grads: &'a mut [&mut [f32]],
+    ids: [usize; 2],
+) -> (Option<&'a mut [f32]>, Option<&'a mut [f32]>) {
+    debug_assert_eq!(ids[1], ids[0] + 1);
+    let (w, b) = pair(grads, ids[0]);
+    (
+        specs[ids[0]].trainable.then_some(w),
+        specs[ids[1]].trainable.then_some(b),
+    )
 }
 
 /// Resizes a buffer whose contents will be overwritten.
@@ -474,25 +576,21 @@ impl<T: Float> Block<T> {
         std::mem::swap(&mut acts.x, &mut flow.hidden);
         let x = &acts.x;
 
+        let index = self.index;
         layernorm_forward(
             sized(&mut acts.ln1, n * d),
             sized(&mut acts.mean1, n),
             sized(&mut acts.rstd1, n),
             x,
-            params[0],
-            params[1],
+            params[self.ln1[0]],
+            params[self.ln1[1]],
             n,
             d,
             eps,
         );
         let qkv = sized(qkv, n * 3 * d);
-        linear_forward(
-            qkv,
-            &acts.ln1,
-            params[2],
-            Some(params[3]),
-            self.dims.linear(n, d, 3 * d),
-        );
+        self.c_attn
+            .forward(qkv, &acts.ln1, params, n, false, ctx, index);
         let (q, k, v) = (
             sized(&mut acts.q, n * d),
             sized(&mut acts.k, n * d),
@@ -514,13 +612,8 @@ impl<T: Float> Block<T> {
         )
         .unwrap_or_else(|e| panic!("{}: {e}", self.name));
         let branch = sized(branch, n * d);
-        linear_forward(
-            branch,
-            &acts.att,
-            params[4],
-            Some(params[5]),
-            self.dims.linear(n, d, d),
-        );
+        self.c_proj
+            .forward(branch, &acts.att, params, n, false, ctx, index);
         if ctx.train {
             let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_ATTN_RESID);
             dropout_inplace(branch, self.dims.resid_pdrop, key, 0);
@@ -532,31 +625,28 @@ impl<T: Float> Block<T> {
             sized(&mut acts.mean2, n),
             sized(&mut acts.rstd2, n),
             &acts.x2,
-            params[6],
-            params[7],
+            params[self.ln2[0]],
+            params[self.ln2[1]],
             n,
             d,
             eps,
         );
-        linear_forward(
+        self.c_fc.forward(
             sized(&mut acts.fc, n * ffn),
             &acts.ln2,
-            params[8],
-            Some(params[9]),
-            self.dims.linear(n, d, ffn),
+            params,
+            n,
+            false,
+            ctx,
+            index,
         );
         act_forward(
             self.dims.activation,
             sized(&mut acts.act, n * ffn),
             &acts.fc,
         );
-        linear_forward(
-            branch,
-            &acts.act,
-            params[10],
-            Some(params[11]),
-            self.dims.linear(n, ffn, d),
-        );
+        self.mlp_proj
+            .forward(branch, &acts.act, params, n, false, ctx, index);
         if ctx.train {
             let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_MLP_RESID);
             dropout_inplace(branch, self.dims.resid_pdrop, key, 0);
@@ -571,23 +661,14 @@ impl<T: Float> Layer<T> for Block<T> {
     }
 
     fn own_params(&self) -> Vec<ParamSpec> {
-        let Dims { d, ffn, .. } = self.dims;
-        let h = &self.name;
-        let p = |suffix: &str, shape: &[usize]| ParamSpec::new(format!("{h}.{suffix}"), shape);
-        vec![
-            p("ln_1.weight", &[d]),
-            p("ln_1.bias", &[d]),
-            p("attn.c_attn.weight", &[d, 3 * d]),
-            p("attn.c_attn.bias", &[3 * d]),
-            p("attn.c_proj.weight", &[d, d]),
-            p("attn.c_proj.bias", &[d]),
-            p("ln_2.weight", &[d]),
-            p("ln_2.bias", &[d]),
-            p("mlp.c_fc.weight", &[d, ffn]),
-            p("mlp.c_fc.bias", &[ffn]),
-            p("mlp.c_proj.weight", &[ffn, d]),
-            p("mlp.c_proj.bias", &[d]),
-        ]
+        self.specs.clone()
+    }
+
+    fn quantized(&self) -> Vec<QuantTarget> {
+        [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj]
+            .into_iter()
+            .filter_map(Linear::quant_target)
+            .collect()
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
@@ -635,41 +716,24 @@ impl<T: Float> Layer<T> for Block<T> {
         let key = dropout_key(seed, index, SITE_MLP_RESID);
         dropout_inplace(dbranch, self.dims.resid_pdrop, key, 0);
         let dffn = sized(&mut s.dffn, n * ffn);
-        let (gw, gb) = pair(grads, 10);
-        linear_backward(
-            Some(&mut *dffn),
-            false,
-            Some(gw),
-            Some(gb),
-            dbranch,
-            &a.act,
-            params[10],
-            self.dims.linear(n, ffn, d),
-        );
+        let i = self.index;
+        #[rustfmt::skip]
+        self.mlp_proj.backward(Some(&mut *dffn), false, dbranch, &a.act, params, grads, n, ctx, i);
         // `act` is dead from here on: it receives the gradient of `fc`.
         let mut dfc = std::mem::take(&mut a.act);
         act_backward(self.dims.activation, &mut dfc, &a.fc, dffn);
         let dd = sized(&mut s.dd, n * d);
-        let (gw, gb) = pair(grads, 8);
-        linear_backward(
-            Some(&mut *dd),
-            false,
-            Some(gw),
-            Some(gb),
-            &dfc,
-            &a.ln2,
-            params[8],
-            self.dims.linear(n, d, ffn),
-        );
-        let (gw, gb) = pair(grads, 6);
+        #[rustfmt::skip]
+        self.c_fc.backward(Some(&mut *dd), false, &dfc, &a.ln2, params, grads, n, ctx, i);
+        let (gw, gb) = norm_grads(&self.specs, grads, self.ln2);
         layernorm_backward(
             g,
             true,
-            Some(gw),
-            Some(gb),
+            gw,
+            gb,
             dd,
             &a.x2,
-            params[6],
+            params[self.ln2[0]],
             &a.mean2,
             &a.rstd2,
             n,
@@ -680,17 +744,8 @@ impl<T: Float> Layer<T> for Block<T> {
         dbranch.copy_from_slice(g);
         let key = dropout_key(seed, index, SITE_ATTN_RESID);
         dropout_inplace(dbranch, self.dims.resid_pdrop, key, 0);
-        let (gw, gb) = pair(grads, 4);
-        linear_backward(
-            Some(&mut *dd),
-            false,
-            Some(gw),
-            Some(gb),
-            dbranch,
-            &a.att,
-            params[4],
-            self.dims.linear(n, d, d),
-        );
+        #[rustfmt::skip]
+        self.c_proj.backward(Some(&mut *dd), false, dbranch, &a.att, params, grads, n, ctx, i);
         let (dq, dk, dv) = (
             sized(&mut s.dq, n * d),
             sized(&mut s.dk, n * d),
@@ -704,26 +759,17 @@ impl<T: Float> Layer<T> for Block<T> {
             row[d..2 * d].copy_from_slice(&dk[r * d..(r + 1) * d]);
             row[2 * d..].copy_from_slice(&dv[r * d..(r + 1) * d]);
         }
-        let (gw, gb) = pair(grads, 2);
-        linear_backward(
-            Some(&mut *dd),
-            false,
-            Some(gw),
-            Some(gb),
-            dqkv,
-            &a.ln1,
-            params[2],
-            self.dims.linear(n, d, 3 * d),
-        );
-        let (gw, gb) = pair(grads, 0);
+        #[rustfmt::skip]
+        self.c_attn.backward(Some(&mut *dd), false, dqkv, &a.ln1, params, grads, n, ctx, i);
+        let (gw, gb) = norm_grads(&self.specs, grads, self.ln1);
         layernorm_backward(
             g,
             true,
-            Some(gw),
-            Some(gb),
+            gw,
+            gb,
             dd,
             &a.x,
-            params[0],
+            params[self.ln1[0]],
             &a.mean1,
             &a.rstd1,
             n,
@@ -746,6 +792,8 @@ impl<T: Float> Layer<T> for Block<T> {
 struct Head<T> {
     dims: Dims,
     tied: bool,
+    /// Whether `ln_f.weight`, `ln_f.bias` and the head weight (tied or own) train.
+    train: [bool; 3],
     x: Vec<T>,
     normed: Vec<T>,
     mean: Vec<f32>,
@@ -794,7 +842,7 @@ impl<T: Float> Head<T> {
         let (ln, head) = grads.split_at_mut(2);
         let stats = lm_head_cross_entropy(
             sized(&mut self.dnormed, n * d),
-            Some(&mut *head[0]),
+            grad_if(head, 0, self.train[2]),
             &self.normed,
             params[2],
             &ctx.batch.labels,
@@ -810,8 +858,8 @@ impl<T: Float> Head<T> {
         layernorm_backward(
             &mut dx,
             false,
-            Some(gw),
-            Some(gb),
+            self.train[0].then_some(gw),
+            self.train[1].then_some(gb),
             &self.dnormed,
             &self.x,
             params[0],
@@ -836,11 +884,11 @@ impl<T: Float> Layer<T> for Head<T> {
     fn own_params(&self) -> Vec<ParamSpec> {
         let d = self.dims.d;
         let mut own = vec![
-            ParamSpec::new(LN_F_WEIGHT, &[d]),
-            ParamSpec::new(LN_F_BIAS, &[d]),
+            ParamSpec::new(LN_F_WEIGHT, &[d]).with_trainable(self.train[0]),
+            ParamSpec::new(LN_F_BIAS, &[d]).with_trainable(self.train[1]),
         ];
         if !self.tied {
-            own.push(ParamSpec::new(LM_HEAD, &[self.dims.vocab, d]));
+            own.push(ParamSpec::new(LM_HEAD, &[self.dims.vocab, d]).with_trainable(self.train[2]));
         }
         own
     }

@@ -15,6 +15,7 @@
 
 use rustspeed_kernels::Float;
 
+use crate::linear::QuantTarget;
 use crate::params::ParamSpec;
 
 /// One micro-batch: `batch_size` sequences of `seq_len` tokens, right-padded.
@@ -156,4 +157,10 @@ pub trait Layer<T: Float>: Send {
 
     /// Drops what forward saved for backward (after backward, or to recompute later).
     fn clear(&mut self);
+
+    /// Frozen weights this layer holds quantized outside the parameter buffer (QLoRA), which
+    /// loading fills.
+    fn quantized(&self) -> Vec<QuantTarget> {
+        Vec::new()
+    }
 }

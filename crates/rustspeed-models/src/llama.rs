@@ -28,10 +28,7 @@ use rustspeed_kernels::cross_entropy::{
 };
 use rustspeed_kernels::dropout::dropout_key;
 use rustspeed_kernels::embedding::{embedding_backward, embedding_forward};
-use rustspeed_kernels::matmul::{
-    linear_backward, linear_forward, matmul, LinearShape, WeightLayout,
-};
-use rustspeed_kernels::residual::add_inplace;
+use rustspeed_kernels::matmul::WeightLayout;
 use rustspeed_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use rustspeed_kernels::rope::{self, rope_backward, rope_forward, Positions, RopeTable};
 use rustspeed_kernels::Float;
@@ -40,8 +37,10 @@ use crate::error::ModelError;
 use crate::hf_config::{Activation, Architecture, ModelConfig, RopeScaling};
 use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
+use crate::tuning::Tuning;
 use crate::weights::{load_hf_weights, NameRules};
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -60,6 +59,13 @@ fn unsupported(what: &str, value: impl ToString, hint: Option<&str>) -> ModelErr
 /// [`load_hf_weights`] and [`name_rules`], or [`init_weights`]). The parameter layout lists
 /// every tensor under its HF name, in transformers' `named_parameters()` order.
 pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
+    build_tuned(cfg, &Tuning::full())
+}
+
+/// [`build`] for `tuning`: LoRA adapters on the modules it targets (parameters
+/// `<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]` after the module's own),
+/// and every parameter's `trainable` flag as it says.
+pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model<T>, ModelError> {
     if !matches!(
         cfg.architecture,
         Architecture::Llama | Architecture::Mistral | Architecture::Qwen2
@@ -108,10 +114,12 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
     layers.push(Box::new(Embedding {
         vocab: cfg.vocab_size,
         d: cfg.hidden_size,
+        train: tuning.trainable(EMBED),
     }));
     for i in 0..cfg.num_hidden_layers {
         layers.push(Box::new(Decoder::new(
             cfg,
+            tuning,
             i,
             table.clone(),
             scaling.clone(),
@@ -119,8 +127,10 @@ pub fn build<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
             scratch.clone(),
         )));
     }
-    layers.push(Box::new(Head::new(cfg)));
-    Ok(Model::new(layers)?)
+    layers.push(Box::new(Head::new(cfg, tuning)));
+    let mut model = Model::new(layers)?;
+    model.tuning = tuning.clone();
+    Ok(model)
 }
 
 /// Fails when training this configuration would need something not implemented. Everything
@@ -238,6 +248,7 @@ pub fn logits<T: Float>(
 struct Embedding {
     vocab: usize,
     d: usize,
+    train: bool,
 }
 
 impl<T: Float> Layer<T> for Embedding {
@@ -246,7 +257,7 @@ impl<T: Float> Layer<T> for Embedding {
     }
 
     fn own_params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::new(EMBED, &[self.vocab, self.d])]
+        vec![ParamSpec::new(EMBED, &[self.vocab, self.d]).with_trainable(self.train)]
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
@@ -259,8 +270,10 @@ impl<T: Float> Layer<T> for Embedding {
 
     fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
         let ids = &ctx.batch.input_ids;
-        if let Err(e) = embedding_backward(grads[0], ids, &flow.hidden, self.d) {
-            panic!("model.embed_tokens: {e}");
+        if self.train {
+            if let Err(e) = embedding_backward(grads[0], ids, &flow.hidden, self.d) {
+                panic!("model.embed_tokens: {e}");
+            }
         }
         // Token ids have no gradient.
         flow.hidden = Vec::new();
@@ -271,26 +284,6 @@ impl<T: Float> Layer<T> for Embedding {
 
 // ---------------------------------------------------------------------------------------------
 // Decoder block
-
-/// Where a linear layer's weight (and bias) sit in the block's parameter list.
-#[derive(Clone, Copy, Debug)]
-struct Lin {
-    w: usize,
-    b: Option<usize>,
-    inp: usize,
-    out: usize,
-}
-
-impl Lin {
-    fn shape(&self, rows: usize) -> LinearShape {
-        LinearShape {
-            rows,
-            in_features: self.inp,
-            out_features: self.out,
-            layout: WeightLayout::OutIn,
-        }
-    }
-}
 
 /// What a block's forward keeps for its backward.
 #[derive(Default)]
@@ -332,13 +325,13 @@ fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 struct Decoder<T> {
     name: String,
     specs: Vec<ParamSpec>,
-    q: Lin,
-    k: Lin,
-    v: Lin,
-    o: Lin,
-    gate: Lin,
-    up: Lin,
-    down: Lin,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     norm1: usize,
     norm2: usize,
     d: usize,
@@ -359,8 +352,10 @@ struct Decoder<T> {
 }
 
 impl<T: Float> Decoder<T> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: &ModelConfig,
+        tuning: &Tuning,
         index: usize,
         rope: RopeTable,
         rope_scaling: rope::RopeScaling,
@@ -374,17 +369,20 @@ impl<T: Float> Decoder<T> {
         let ffn = cfg.intermediate_size;
         let mut specs = Vec::new();
         // HF's named_parameters() order: self_attn (q, k, v, o), mlp (gate, up, down), norms.
+        let mut site = 0;
         let mut linear = |module: &str, inp: usize, out: usize, bias: bool| {
-            let w = specs.len();
-            specs.push(ParamSpec::new(
-                format!("{name}.{module}.weight"),
-                &[out, inp],
-            ));
-            let b = bias.then(|| {
-                specs.push(ParamSpec::new(format!("{name}.{module}.bias"), &[out]));
-                w + 1
-            });
-            Lin { w, b, inp, out }
+            let module = format!("{name}.{module}");
+            site += 1;
+            Linear::declare(
+                &mut specs,
+                &module,
+                inp,
+                out,
+                WeightLayout::OutIn,
+                bias,
+                tuning,
+                site,
+            )
         };
         let q = linear("self_attn.q_proj", d, q_out, cfg.qkv_bias);
         let k = linear("self_attn.k_proj", d, kv_out, cfg.qkv_bias);
@@ -393,16 +391,14 @@ impl<T: Float> Decoder<T> {
         let gate = linear("mlp.gate_proj", d, ffn, cfg.mlp_bias);
         let up = linear("mlp.up_proj", d, ffn, cfg.mlp_bias);
         let down = linear("mlp.down_proj", ffn, d, cfg.mlp_bias);
-        let norm1 = specs.len();
-        specs.push(ParamSpec::new(
-            format!("{name}.input_layernorm.weight"),
-            &[d],
-        ));
-        let norm2 = specs.len();
-        specs.push(ParamSpec::new(
-            format!("{name}.post_attention_layernorm.weight"),
-            &[d],
-        ));
+        let mut norm = |module: &str| {
+            let param = format!("{name}.{module}.weight");
+            let trainable = tuning.trainable(&param);
+            specs.push(ParamSpec::new(param, &[d]).with_trainable(trainable));
+            specs.len() - 1
+        };
+        let norm1 = norm("input_layernorm");
+        let norm2 = norm("post_attention_layernorm");
         Decoder {
             name,
             specs,
@@ -475,61 +471,6 @@ impl<T: Float> Decoder<T> {
     }
 }
 
-fn bias<'a, T>(params: &[&'a [T]], lin: Lin) -> Option<&'a [T]> {
-    lin.b.map(|i| params[i])
-}
-
-/// `out = residual + x · W^T (+ b)`: the projection is accumulated onto the residual stream in
-/// one f32 pass, so the branch output is never rounded on its own.
-fn project_residual<T: Float>(out: &mut [T], x: &[T], params: &[&[T]], lin: Lin, rows: usize) {
-    if let Some(b) = bias(params, lin) {
-        for row in out.chunks_exact_mut(lin.out) {
-            add_inplace(row, b);
-        }
-    }
-    matmul(
-        out,
-        x,
-        params[lin.w],
-        rows,
-        lin.inp,
-        lin.out,
-        false,
-        true,
-        true,
-    );
-}
-
-/// `linear_backward` with the weight (and bias) gradients taken from the block's views.
-#[allow(clippy::too_many_arguments)]
-fn linear_grads<T: Float>(
-    grads: &mut [&mut [f32]],
-    lin: Lin,
-    dx: Option<&mut [T]>,
-    accumulate_dx: bool,
-    dy: &[T],
-    x: &[T],
-    params: &[&[T]],
-    rows: usize,
-) {
-    let dw = std::mem::take(&mut grads[lin.w]);
-    let mut db = lin.b.map(|i| std::mem::take(&mut grads[i]));
-    linear_backward(
-        dx,
-        accumulate_dx,
-        Some(&mut *dw),
-        db.as_deref_mut(),
-        dy,
-        x,
-        params[lin.w],
-        lin.shape(rows),
-    );
-    grads[lin.w] = dw;
-    if let (Some(i), Some(db)) = (lin.b, db) {
-        grads[i] = db;
-    }
-}
-
 impl<T: Float> Layer<T> for Decoder<T> {
     fn name(&self) -> &str {
         &self.name
@@ -537,6 +478,15 @@ impl<T: Float> Layer<T> for Decoder<T> {
 
     fn own_params(&self) -> Vec<ParamSpec> {
         self.specs.clone()
+    }
+
+    fn quantized(&self) -> Vec<QuantTarget> {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+        .into_iter()
+        .filter_map(Linear::quant_target)
+        .collect()
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
@@ -571,8 +521,13 @@ impl<T: Float> Layer<T> for Decoder<T> {
 
         let n1 = sized(normed, rows * d);
         rmsnorm_forward(n1, &mut s.rstd1, &x, params[self.norm1], rows, d, self.eps);
-        for (lin, out) in [(self.q, &mut s.q), (self.k, &mut s.k), (self.v, &mut s.v)] {
-            linear_forward(out, n1, params[lin.w], bias(params, lin), lin.shape(rows));
+        let layer = self.index;
+        for (lin, out) in [
+            (&self.q, &mut s.q),
+            (&self.k, &mut s.k),
+            (&self.v, &mut s.v),
+        ] {
+            lin.forward(out, n1, params, rows, false, ctx, layer);
         }
         self.rope_apply(&mut s.q, batch, self.heads, true);
         self.rope_apply(&mut s.k, batch, self.kv_heads, true);
@@ -580,17 +535,19 @@ impl<T: Float> Layer<T> for Decoder<T> {
             panic!("{}: {e}", self.name);
         }
         let mut h = x.clone();
-        project_residual(&mut h, &s.att, params, self.o, rows);
+        self.o
+            .forward(&mut h, &s.att, params, rows, true, ctx, layer);
 
         let n2 = sized(normed, rows * d);
         rmsnorm_forward(n2, &mut s.rstd2, &h, params[self.norm2], rows, d, self.eps);
-        for (lin, out) in [(self.gate, &mut s.gate), (self.up, &mut s.up)] {
-            linear_forward(out, n2, params[lin.w], bias(params, lin), lin.shape(rows));
+        for (lin, out) in [(&self.gate, &mut s.gate), (&self.up, &mut s.up)] {
+            lin.forward(out, n2, params, rows, false, ctx, layer);
         }
         let m = sized(mid, rows * ffn);
         swiglu_forward(m, &s.gate, &s.up);
         let mut out = h.clone();
-        project_residual(&mut out, m, params, self.down, rows);
+        self.down
+            .forward(&mut out, m, params, rows, true, ctx, layer);
         drop(scratch);
 
         flow.hidden = out;
@@ -644,16 +601,9 @@ impl<T: Float> Layer<T> for Decoder<T> {
         let m = sized(mid, rows * ffn);
         swiglu_forward(m, &s.gate, &s.up);
         let dm = sized(dmid, rows * ffn);
-        linear_grads(
-            grads,
-            self.down,
-            Some(&mut *dm),
-            false,
-            &dres,
-            m,
-            params,
-            rows,
-        );
+        let layer = self.index;
+        #[rustfmt::skip]
+        self.down.backward(Some(&mut *dm), false, &dres, m, params, grads, rows, ctx, layer);
         // silu(gate) * up is dead now: its buffer takes dgate.
         let dgate = m;
         let du = sized(dup, rows * ffn);
@@ -669,22 +619,15 @@ impl<T: Float> Layer<T> for Decoder<T> {
             self.eps,
         );
         let dn = sized(dnormed, rows * d);
-        linear_grads(
-            grads,
-            self.gate,
-            Some(&mut *dn),
-            false,
-            dgate,
-            n2,
-            params,
-            rows,
-        );
-        linear_grads(grads, self.up, Some(&mut *dn), true, du, n2, params, rows);
+        #[rustfmt::skip]
+        self.gate.backward(Some(&mut *dn), false, dgate, n2, params, grads, rows, ctx, layer);
+        #[rustfmt::skip]
+        self.up.backward(Some(&mut *dn), true, du, n2, params, grads, rows, ctx, layer);
         let dw2 = std::mem::take(&mut grads[self.norm2]);
         rmsnorm_backward(
             &mut dres,
             true,
-            Some(&mut *dw2),
+            self.specs[self.norm2].trainable.then_some(&mut *dw2),
             dn,
             &s.h,
             params[self.norm2],
@@ -696,16 +639,8 @@ impl<T: Float> Layer<T> for Decoder<T> {
 
         // Attention branch.
         let da = sized(datt, rows * self.q.out);
-        linear_grads(
-            grads,
-            self.o,
-            Some(&mut *da),
-            false,
-            &dres,
-            &s.att,
-            params,
-            rows,
-        );
+        #[rustfmt::skip]
+        self.o.backward(Some(&mut *da), false, &dres, &s.att, params, grads, rows, ctx, layer);
         let (dq, dk, dv) = (
             sized(dq, rows * self.q.out),
             sized(dk, rows * self.k.out),
@@ -728,14 +663,17 @@ impl<T: Float> Layer<T> for Decoder<T> {
             self.eps,
         );
         let dn = sized(dnormed, rows * d);
-        linear_grads(grads, self.q, Some(&mut *dn), false, dq, n1, params, rows);
-        linear_grads(grads, self.k, Some(&mut *dn), true, dk, n1, params, rows);
-        linear_grads(grads, self.v, Some(&mut *dn), true, dv, n1, params, rows);
+        #[rustfmt::skip]
+        self.q.backward(Some(&mut *dn), false, dq, n1, params, grads, rows, ctx, layer);
+        #[rustfmt::skip]
+        self.k.backward(Some(&mut *dn), true, dk, n1, params, grads, rows, ctx, layer);
+        #[rustfmt::skip]
+        self.v.backward(Some(&mut *dn), true, dv, n1, params, grads, rows, ctx, layer);
         let dw1 = std::mem::take(&mut grads[self.norm1]);
         rmsnorm_backward(
             &mut dres,
             true,
-            Some(&mut *dw1),
+            self.specs[self.norm1].trainable.then_some(&mut *dw1),
             dn,
             &s.x,
             params[self.norm1],
@@ -761,6 +699,8 @@ struct Head<T> {
     d: usize,
     eps: f32,
     tied: bool,
+    /// Whether the final norm and the head weight (tied or own) train.
+    train: [bool; 2],
     /// The input and its rstd, kept for backward.
     saved: Option<(Vec<T>, Vec<f32>)>,
     /// The input gradient `forward_backward` computed, for `backward` to hand back.
@@ -770,12 +710,18 @@ struct Head<T> {
 }
 
 impl<T: Float> Head<T> {
-    fn new(cfg: &ModelConfig) -> Self {
+    fn new(cfg: &ModelConfig, tuning: &Tuning) -> Self {
+        let weight = if cfg.tie_word_embeddings {
+            EMBED
+        } else {
+            LM_HEAD
+        };
         Head {
             vocab: cfg.vocab_size,
             d: cfg.hidden_size,
             eps: cfg.norm_eps as f32,
             tied: cfg.tie_word_embeddings,
+            train: [tuning.trainable(FINAL_NORM), tuning.trainable(weight)],
             saved: None,
             dx: None,
             normed: Vec::new(),
@@ -813,7 +759,7 @@ impl<T: Float> Head<T> {
         let mut dnormed = vec![T::default(); rows * d];
         let stats = lm_head_cross_entropy(
             &mut dnormed,
-            Some(&mut *grads[1]),
+            grad_if(grads, 1, self.train[1]),
             &self.normed[..rows * d],
             params[1],
             &ctx.batch.labels,
@@ -828,7 +774,7 @@ impl<T: Float> Head<T> {
         rmsnorm_backward(
             &mut dx,
             false,
-            Some(&mut *grads[0]),
+            grad_if(grads, 0, self.train[0]),
             &dnormed,
             x,
             params[0],
@@ -850,9 +796,10 @@ impl<T: Float> Layer<T> for Head<T> {
     }
 
     fn own_params(&self) -> Vec<ParamSpec> {
-        let mut specs = vec![ParamSpec::new(FINAL_NORM, &[self.d])];
+        let mut specs = vec![ParamSpec::new(FINAL_NORM, &[self.d]).with_trainable(self.train[0])];
         if !self.tied {
-            specs.push(ParamSpec::new(LM_HEAD, &[self.vocab, self.d]));
+            specs
+                .push(ParamSpec::new(LM_HEAD, &[self.vocab, self.d]).with_trainable(self.train[1]));
         }
         specs
     }

@@ -12,7 +12,8 @@ use crate::gguf::{GgufError, GgufFile};
 use crate::hf_config::{Architecture, ModelConfig};
 use crate::model::Model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use crate::weights::{load_hf_weights, NameRules};
+use crate::tuning::{is_adapter_param, Tuning};
+use crate::weights::{load_model_weights, NameRules};
 use crate::{gpt2, llama};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum LoadError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error("{path}: quantizing a frozen weight: {message}")]
+    Quantize { path: PathBuf, message: String },
     #[error("{path}: neither an HF model directory (with config.json) nor a .gguf file")]
     NotAModel { path: PathBuf },
     #[error("{path}: the model needs tensor `{name}` (GGUF `{gguf}`), which the file lacks")]
@@ -56,9 +59,19 @@ pub struct LoadedModel<T: Float> {
 
 /// Builds the (zeroed) model `cfg` describes, with the architecture's layers.
 pub fn build_model<T: Float>(cfg: &ModelConfig) -> Result<Model<T>, ModelError> {
+    build_model_tuned(cfg, &Tuning::full())
+}
+
+/// [`build_model`] with LoRA adapters and frozen parameters as `tuning` says.
+pub fn build_model_tuned<T: Float>(
+    cfg: &ModelConfig,
+    tuning: &Tuning,
+) -> Result<Model<T>, ModelError> {
     match cfg.architecture {
-        Architecture::Gpt2 => gpt2::build(cfg),
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => llama::build(cfg),
+        Architecture::Gpt2 => gpt2::build_tuned(cfg, tuning),
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+            llama::build_tuned(cfg, tuning)
+        }
     }
 }
 
@@ -72,9 +85,41 @@ pub fn name_rules(cfg: &ModelConfig) -> NameRules {
 
 /// Loads `path`: a `.gguf` file, or an HF directory (or its config.json).
 pub fn load_model<T: Float>(path: &Path) -> Result<LoadedModel<T>, LoadError> {
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        return load_gguf(path);
+    load_model_tuned(path, &Tuning::full(), 0)
+}
+
+/// [`load_model`] for `tuning` (build it with [`Tuning::lora`] from the config that
+/// [`crate::hf_config::ModelConfig::from_path`] or [`model_config`] reads): the base weights from
+/// `path`, the LoRA pairs initialised as PEFT does with `lora_seed` (A random, B zero; load a
+/// saved adapter over them with [`crate::peft::load_adapter`]).
+pub fn load_model_tuned<T: Float>(
+    path: &Path,
+    tuning: &Tuning,
+    lora_seed: u64,
+) -> Result<LoadedModel<T>, LoadError> {
+    let mut loaded = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        load_gguf_tuned(path, tuning)?
+    } else {
+        load_hf_dir_tuned(model_dir(path)?, tuning)?
+    };
+    if tuning.lora_plan().is_some() {
+        crate::peft::adapter::init_lora(&mut loaded.model, lora_seed)
+            .expect("the model was built with the LoRA plan");
     }
+    Ok(loaded)
+}
+
+/// The config of the model at `path` (a `.gguf` file or an HF directory), to resolve a
+/// [`Tuning`] against before loading.
+pub fn model_config(path: &Path) -> Result<ModelConfig, LoadError> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return Ok(GgufFile::open(path)?.model_config()?);
+    }
+    Ok(ModelConfig::from_path(model_dir(path)?).map_err(ModelError::from)?)
+}
+
+/// The HF directory `path` names (itself, or the parent of its config.json).
+fn model_dir(path: &Path) -> Result<&Path, LoadError> {
     let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
         path.parent().unwrap_or(Path::new("."))
     } else {
@@ -85,16 +130,23 @@ pub fn load_model<T: Float>(path: &Path) -> Result<LoadedModel<T>, LoadError> {
             path: path.to_path_buf(),
         });
     }
-    load_hf_dir(dir)
+    Ok(dir)
 }
 
 /// Loads an HF model directory: config.json, its safetensors weights and, when present, its
 /// tokenizer.
 pub fn load_hf_dir<T: Float>(dir: &Path) -> Result<LoadedModel<T>, LoadError> {
+    load_hf_dir_tuned(dir, &Tuning::full())
+}
+
+/// [`load_hf_dir`] for `tuning`; the LoRA parameters are left zero.
+pub fn load_hf_dir_tuned<T: Float>(
+    dir: &Path,
+    tuning: &Tuning,
+) -> Result<LoadedModel<T>, LoadError> {
     let config = ModelConfig::from_path(dir).map_err(ModelError::from)?;
-    let mut model = build_model::<T>(&config)?;
-    load_hf_weights(dir, &model.layout, &mut model.params, &name_rules(&config))
-        .map_err(ModelError::from)?;
+    let mut model = build_model_tuned::<T>(&config, tuning)?;
+    load_model_weights(dir, &mut model, &name_rules(&config)).map_err(ModelError::from)?;
     let tokenizer = match Tokenizer::from_dir(dir) {
         Ok(t) => Some(t),
         Err(TokenizerError::NotFound { .. }) => None,
@@ -109,10 +161,14 @@ pub fn load_hf_dir<T: Float>(dir: &Path) -> Result<LoadedModel<T>, LoadError> {
 
 /// Loads a LLaMA-architecture GGUF file, dequantizing every tensor into the compute dtype.
 pub fn load_gguf<T: Float>(path: &Path) -> Result<LoadedModel<T>, LoadError> {
+    load_gguf_tuned(path, &Tuning::full())
+}
+
+fn load_gguf_tuned<T: Float>(path: &Path, tuning: &Tuning) -> Result<LoadedModel<T>, LoadError> {
     let file = GgufFile::open(path)?;
     let config = file.model_config()?;
     let tokenizer = file.tokenizer()?;
-    let mut model = build_model::<T>(&config)?;
+    let mut model = build_model_tuned::<T>(&config, tuning)?;
     fill_from_gguf(&file, &config, &mut model)?;
     Ok(LoadedModel {
         config,
@@ -129,7 +185,26 @@ pub fn fill_from_gguf<T: Float>(
     model: &mut Model<T>,
 ) -> Result<(), LoadError> {
     let mut filled = vec![false; model.layout.slots().len()];
+    let quant = model.tuning.quantization().copied();
     for (gguf, name) in file.hf_names()? {
+        if let (Some(q), Some(qc)) = (model.quantized.iter().find(|q| q.name == name), &quant) {
+            let info = file.tensor_info(&gguf).expect("listed by hf_names");
+            if info.shape() != q.shape() {
+                return Err(LoadError::Shape {
+                    path: file.path.clone(),
+                    name,
+                    gguf,
+                    got: info.shape(),
+                    want: q.shape(),
+                });
+            }
+            let values = file.hf_tensor(&gguf, cfg.num_attention_heads, cfg.num_key_value_heads)?;
+            q.fill(&values, qc).map_err(|message| LoadError::Quantize {
+                path: file.path.clone(),
+                message,
+            })?;
+            continue;
+        }
         let Some(id) = model
             .layout
             .slots()
@@ -160,7 +235,15 @@ pub fn fill_from_gguf<T: Float>(
         }
         filled[id] = true;
     }
-    if let Some(id) = filled.iter().position(|f| !f) {
+    if let Some(q) = model.quantized.iter().find(|q| q.slot.get().is_none()) {
+        return Err(LoadError::MissingTensor {
+            path: file.path.clone(),
+            name: q.name.clone(),
+            gguf: gguf_name(&q.name).unwrap_or_else(|| "?".into()),
+        });
+    }
+    let needed = |id: usize| !is_adapter_param(&model.layout.slots()[id].spec.name);
+    if let Some(id) = (0..filled.len()).find(|&id| !filled[id] && needed(id)) {
         let name = model.layout.slots()[id].spec.name.clone();
         let gguf = gguf_name(&name).unwrap_or_else(|| "?".into());
         return Err(LoadError::MissingTensor {

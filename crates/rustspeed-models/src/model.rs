@@ -5,13 +5,22 @@
 use rustspeed_kernels::Float;
 
 use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
+use crate::linear::QuantTarget;
 use crate::params::{LayoutError, ParamLayout};
+use crate::recompute::Recomputed;
+use crate::tuning::Tuning;
 
 pub struct Model<T: Float> {
     pub layers: Vec<Box<dyn Layer<T>>>,
     pub layout: ParamLayout,
     /// Every parameter, layer after layer (see [`ParamLayout`]).
     pub params: Vec<T>,
+    /// What trains (set by the builders): full fine-tuning or the LoRA plan.
+    pub tuning: Tuning,
+    /// Whether the blocks recompute their activations in backward.
+    checkpointing: bool,
+    /// Frozen weights the layers hold quantized (QLoRA), outside `params`.
+    pub quantized: Vec<QuantTarget>,
 }
 
 impl<T: Float> Model<T> {
@@ -21,11 +30,57 @@ impl<T: Float> Model<T> {
         let tied: Vec<_> = layers.iter().map(|l| l.tied_params()).collect();
         let layout = ParamLayout::new(&own, &tied)?;
         let params = vec![T::default(); layout.numel()];
+        let quantized = layers.iter().flat_map(|l| l.quantized()).collect();
         Ok(Model {
             layers,
             layout,
             params,
+            tuning: Tuning::full(),
+            checkpointing: false,
+            quantized,
         })
+    }
+
+    /// Activation checkpointing of every layer between the embedding (first) and the head
+    /// (last): each keeps only its input in a training forward and recomputes its activations
+    /// in backward (see [`Recomputed`]). Same gradients, bit for bit; far less activation memory.
+    pub fn enable_gradient_checkpointing(&mut self) {
+        if self.checkpointing || self.layers.len() < 3 {
+            self.checkpointing = true;
+            return;
+        }
+        let last = self.layers.len() - 1;
+        let layers = std::mem::take(&mut self.layers);
+        self.layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 || i == last {
+                    l
+                } else {
+                    Box::new(Recomputed::new(l)) as Box<dyn Layer<T>>
+                }
+            })
+            .collect();
+        self.checkpointing = true;
+    }
+
+    /// Elements of the weights held quantized (not in `params`).
+    pub fn quantized_numel(&self) -> usize {
+        self.quantized.iter().map(|q| q.inp * q.out).sum()
+    }
+
+    /// Bytes of the weights held quantized (those loaded so far).
+    pub fn quantized_bytes(&self) -> usize {
+        self.quantized
+            .iter()
+            .filter_map(|q| q.slot.get())
+            .map(|m| m.bytes())
+            .sum()
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// The named parameter's values.

@@ -28,6 +28,12 @@ impl ParamSpec {
         }
     }
 
+    /// The same parameter, trainable or frozen.
+    pub fn with_trainable(mut self, trainable: bool) -> Self {
+        self.trainable = trainable;
+        self
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

@@ -11,6 +11,10 @@ use half::{bf16, f16};
 use rustspeed_kernels::{DType, Float};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
 
+use rustspeed_kernels::quant::QuantConfig;
+
+use crate::linear::QuantTarget;
+use crate::model::Model;
 use crate::params::ParamLayout;
 
 /// Where weight files are read or written, and what went wrong, naming the file and tensor.
@@ -116,15 +120,48 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
 }
 
 /// Fills `params` (laid out by `layout`) from the safetensors weights in `dir`. Every parameter
-/// must be found exactly once with the right shape; any other tensor is an error unless the
-/// rules ignore it.
+/// must be found exactly once with the right shape (except LoRA adapter parameters, which a
+/// base checkpoint never holds); any other tensor is an error unless the rules ignore it.
 pub fn load_hf_weights<T: Float>(
     dir: &Path,
     layout: &ParamLayout,
     params: &mut [T],
     rules: &NameRules,
 ) -> Result<(), WeightsError> {
+    load_hf_weights_quantized(dir, layout, params, rules, &[], None)
+}
+
+/// [`load_hf_weights`] into a model: its parameters, and the frozen weights it holds quantized
+/// (QLoRA), which are quantized one tensor at a time as they are read, so no dense copy of the
+/// base ever exists whole.
+pub fn load_model_weights<T: Float>(
+    dir: &Path,
+    model: &mut Model<T>,
+    rules: &NameRules,
+) -> Result<(), WeightsError> {
+    let quant = model.tuning.quantization().copied();
+    load_hf_weights_quantized(
+        dir,
+        &model.layout,
+        &mut model.params,
+        rules,
+        &model.quantized,
+        quant.as_ref(),
+    )
+}
+
+fn load_hf_weights_quantized<T: Float>(
+    dir: &Path,
+    layout: &ParamLayout,
+    params: &mut [T],
+    rules: &NameRules,
+    quantized: &[QuantTarget],
+    quant: Option<&QuantConfig>,
+) -> Result<(), WeightsError> {
     assert_eq!(params.len(), layout.numel(), "parameter buffer size");
+    let quant_index: HashMap<&str, &QuantTarget> =
+        quantized.iter().map(|q| (q.name.as_str(), q)).collect();
+    let mut quant_filled = 0usize;
     let mut filled = vec![false; layout.slots().len()];
     let index: HashMap<&str, usize> = layout
         .slots()
@@ -148,7 +185,29 @@ pub fn load_hf_weights<T: Float>(
                 index.get(format!("{prefix}{name}").as_str()).copied()
             });
             let Some(id) = slot_id else {
-                if !rules.ignored(&name) {
+                let target = quant_index.get(name.as_str()).copied().or_else(|| {
+                    let prefix = rules.optional_prefix.as_deref()?;
+                    quant_index.get(format!("{prefix}{name}").as_str()).copied()
+                });
+                if let (Some(target), Some(cfg)) = (target, quant) {
+                    if view.shape() != target.shape().as_slice() {
+                        return Err(WeightsError::Shape {
+                            path,
+                            name,
+                            got: view.shape().to_vec(),
+                            want: target.shape(),
+                        });
+                    }
+                    let mut dense = vec![0f32; target.inp * target.out];
+                    convert_into(&path, &name, view.dtype(), view.data(), &mut dense)?;
+                    target
+                        .fill(&dense, cfg)
+                        .map_err(|message| WeightsError::Format {
+                            path: path.clone(),
+                            message,
+                        })?;
+                    quant_filled += 1;
+                } else if !rules.ignored(&name) {
                     unexpected.push(name);
                 }
                 continue;
@@ -179,13 +238,21 @@ pub fn load_hf_weights<T: Float>(
             names: unexpected.join(", "),
         });
     }
-    let missing: Vec<&str> = layout
+    let mut missing: Vec<&str> = layout
         .slots()
         .iter()
         .zip(&filled)
-        .filter(|(_, f)| !**f)
+        .filter(|(s, f)| !**f && !crate::tuning::is_adapter_param(&s.spec.name))
         .map(|(s, _)| s.spec.name.as_str())
         .collect();
+    if quant_filled != quantized.len() {
+        missing.extend(
+            quantized
+                .iter()
+                .filter(|q| q.slot.get().is_none())
+                .map(|q| q.name.as_str()),
+        );
+    }
     if !missing.is_empty() {
         return Err(WeightsError::Missing {
             dir: dir.to_path_buf(),
@@ -195,7 +262,7 @@ pub fn load_hf_weights<T: Float>(
     Ok(())
 }
 
-fn convert_into<T: Float>(
+pub(crate) fn convert_into<T: Float>(
     path: &Path,
     name: &str,
     dtype: StDtype,
@@ -266,6 +333,44 @@ impl<T: Float> View for OutTensor<'_, T> {
     fn data_len(&self) -> usize {
         self.values.len() * self.dtype.size_in_bytes()
     }
+}
+
+/// Writes `tensors` (name, values, shape) to the safetensors file `path` in `dtype`, through a
+/// temporary name and a rename.
+pub fn save_tensors<T: Float>(
+    path: &Path,
+    tensors: &[(String, &[T], Vec<usize>)],
+    dtype: DType,
+) -> Result<(), WeightsError> {
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, OutTensor<T>)> = tensors
+        .iter()
+        .map(|(name, values, shape)| {
+            assert_eq!(
+                values.len(),
+                shape.iter().product::<usize>(),
+                "save_tensors: `{name}` values and shape disagree"
+            );
+            let t = OutTensor {
+                values,
+                shape: shape.clone(),
+                dtype,
+            };
+            (name.clone(), t)
+        })
+        .collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        WeightsError::Format {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Default shard limit, as transformers' `save_pretrained(max_shard_size="5GB")`.
