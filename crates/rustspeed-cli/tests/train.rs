@@ -481,3 +481,20 @@ fn trains_from_a_gguf_file_and_exports_an_hf_directory() {
     let exported = rustspeed_models::loader::load_model::<f32>(&out.join("final")).unwrap();
     assert!(exported.tokenizer.is_some(), "tokenizer.json written");
 }
+
+/// --gradient-checkpointing recomputes activations in backward: the same steps, bit for bit.
+#[test]
+fn gradient_checkpointing_trains_identically() {
+    let dir = tempdir("ckpting");
+    let (data, ds) = inputs(&dir);
+    let (a, b) = (dir.join("plain"), dir.join("recompute"));
+    assert_ok(&train(&data, &ds, &a, &[]));
+    assert_ok(&train(&data, &ds, &b, &["--gradient-checkpointing"]));
+    let (x, y) = (metrics(&a), metrics(&b));
+    assert_eq!(x.len(), y.len());
+    for (p, q) in x.iter().zip(&y) {
+        for key in ["loss", "grad_norm", "lr"] {
+            assert_eq!(p[key], q[key], "{key}: {p} vs {q}");
+        }
+    }
+}

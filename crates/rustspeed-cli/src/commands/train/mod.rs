@@ -354,9 +354,6 @@ fn check_flags(args: &Args) -> anyhow::Result<()> {
             ));
         }
     }
-    if args.gradient_checkpointing {
-        return usage("not supported yet: --gradient-checkpointing (issue 7)");
-    }
     Ok(())
 }
 

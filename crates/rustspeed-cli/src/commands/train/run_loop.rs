@@ -111,6 +111,10 @@ impl Run<'_> {
                 })?
                 .model
         };
+        let mut model = model;
+        if args.gradient_checkpointing {
+            model.enable_gradient_checkpointing();
+        }
         let param_count = model.layout.numel();
         let options = EngineOptions {
             seed: args.seed,
