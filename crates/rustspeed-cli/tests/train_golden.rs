@@ -351,3 +351,70 @@ fn two_ranks_at_stage_2_train_like_one_process() {
         }
     }
 }
+
+/// LoRA through the command: a PEFT adapter directory as the output (PEFT's key names), a
+/// merged model with --merge, QLoRA (NF4 base) training, and continuing from the adapter.
+#[test]
+fn lora_and_qlora_runs_write_peft_adapters() {
+    let dir = tempdir("lora");
+    let ds = write_config(
+        &dir,
+        serde_json::json!({"train_batch_size": 4, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}),
+    );
+    let data = golden().join("text.jsonl");
+    let out = dir.join("lora");
+    let lora = [
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-target-modules",
+        "c_attn,c_fc",
+        "--merge",
+        "--warmup-steps",
+        "1",
+    ];
+    let result = short_run(&data, &ds, &out, &lora);
+    assert_ok(&result);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("trainable params:"), "{stderr}");
+    let cfg = read_json(&out.join("final/adapter_config.json"));
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["peft_type"], "LORA");
+    let bytes = std::fs::read(out.join("final/adapter_model.safetensors")).unwrap();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]);
+    assert!(
+        text.contains("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"),
+        "PEFT key names"
+    );
+    assert!(out.join("merged/config.json").is_file());
+    rustspeed_models::loader::load_model::<f32>(&out.join("merged")).unwrap();
+
+    // QLoRA: NF4 base with double quantization.
+    let q = dir.join("qlora");
+    let mut args = lora[..6].to_vec();
+    args.extend(["--quantize", "nf4", "--double-quant", "--warmup-steps", "1"]);
+    assert_ok(&short_run(&data, &ds, &q, &args));
+    assert!(q.join("final/adapter_model.safetensors").is_file());
+    let m = metrics(&q);
+    assert!(m.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()));
+
+    // Continue the first adapter.
+    let adapter = out.join("final");
+    let more = dir.join("more");
+    assert_ok(&short_run(
+        &data,
+        &ds,
+        &more,
+        &[
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--warmup-steps",
+            "1",
+        ],
+    ));
+    // A quantized base without adapters is refused before any work.
+    let refused = short_run(&data, &ds, &dir.join("bad"), &["--quantize", "nf4"]);
+    assert_eq!(refused.status.code(), Some(2));
+}

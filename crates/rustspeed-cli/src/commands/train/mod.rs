@@ -11,6 +11,7 @@
 //! with ZeRO stages 0-2, and rank 0 alone writes logs, metrics, plots and the export.
 
 mod checkpoints;
+mod peft;
 mod plot;
 mod run_loop;
 mod source;
@@ -117,6 +118,33 @@ pub struct Args {
     /// only config.json and the tokenizer of --model are read.
     #[arg(long)]
     pub from_scratch: bool,
+    /// LoRA rank: train low-rank adapters instead of the whole model (PEFT's LoRA).
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA scale numerator (scale = alpha / r; PEFT default 8).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Modules to adapt: comma-separated names or suffixes (q_proj,v_proj), or "all-linear"
+    /// (default: PEFT's choice for the architecture).
+    #[arg(long)]
+    pub lora_target_modules: Option<String>,
+    /// A PEFT adapter_config.json (or a directory holding one) describing the LoRA.
+    #[arg(long)]
+    pub peft_config: Option<PathBuf>,
+    /// Continue training an existing PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Hold the frozen base quantized: nf4, fp4 or int8 (QLoRA; needs LoRA).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Quantize the 4-bit absmax values too (bitsandbytes' double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Also write OUTPUT_DIR/merged: the base with the adapter merged in.
+    #[arg(long)]
+    pub merge: bool,
     /// Recompute each block's activations in backward instead of keeping them.
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -193,6 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .into());
         }
     }
+    let tuning = peft::tuning_from_args(&args)?;
     let data = source::prepare_data(&args, &source, block_size)?;
     let num_samples = data.train.samples.len();
 
@@ -265,6 +294,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_steps,
         fallback_schedule,
         comm,
+        tuning,
     };
     match config.precision {
         Precision::Fp32 => run.train::<f32>(),

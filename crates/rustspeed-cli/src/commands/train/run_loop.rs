@@ -46,6 +46,8 @@ pub struct Run<'a> {
     pub fallback_schedule: Option<LrScheduleParams>,
     /// The data-parallel group when several ranks run.
     pub comm: Option<Arc<Communicator>>,
+    /// LoRA / QLoRA; `None` trains every parameter.
+    pub tuning: Option<rustspeed_models::Tuning>,
 }
 
 /// The first Ctrl-C asks the loop to save and stop after the current step; a second one exits
@@ -95,7 +97,9 @@ impl Run<'_> {
         let t0 = Instant::now();
         let samples = &self.data.train.samples;
         let eval_samples = self.data.eval.as_ref().map(|d| &d.samples[..]);
-        let model = if args.from_scratch {
+        let model = if let Some(tuning) = &self.tuning {
+            super::peft::load_tuned::<T>(args, tuning)?
+        } else if args.from_scratch {
             let cfg = &self.source.config;
             let mut model = build_model::<T>(cfg)?;
             match cfg.architecture {
@@ -417,6 +421,9 @@ impl Run<'_> {
 
     /// `OUT/final`: an HF directory transformers and vLLM load.
     fn export<T: Float>(&self, engine: &Engine<T>, final_dir: &Path) -> anyhow::Result<()> {
+        if self.tuning.is_some() {
+            return super::peft::export_adapter(self.args, engine.model(), final_dir);
+        }
         save_pretrained(
             final_dir,
             &self.source.config_json,
