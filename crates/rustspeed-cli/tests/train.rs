@@ -216,6 +216,23 @@ fn bad_record_exits_2_naming_file_and_line() {
     assert!(stderr.contains(&at), "expected {at} in: {stderr}");
 }
 
+/// --skip-bad-records: the same malformed record becomes a counted warning, and nothing else of
+/// the data is lost.
+#[test]
+fn skip_bad_records_counts_and_continues() {
+    let dir = tempdir("skip");
+    let (data, ds) = inputs(&dir);
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text += "{\"text\": 3}\n";
+    std::fs::write(&data, text).unwrap();
+    let out = train(&data, &ds, &dir.join("out"), &["--skip-bad-records"]);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("24 records") && stdout.contains("1 skipped"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{}:25", data.display())), "{stderr}");
+}
+
 #[test]
 fn flag_contradicting_the_config_exits_2() {
     let dir = tempdir("mismatch");
