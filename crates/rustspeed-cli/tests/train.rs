@@ -228,9 +228,15 @@ fn skip_bad_records_counts_and_continues() {
     let out = train(&data, &ds, &dir.join("out"), &["--skip-bad-records"]);
     assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("24 records") && stdout.contains("1 skipped"), "{stdout}");
+    assert!(
+        stdout.contains("24 records") && stdout.contains("1 skipped"),
+        "{stdout}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:25", data.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:25", data.display())),
+        "{stderr}"
+    );
 }
 
 #[test]
