@@ -32,6 +32,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Start N ranks of a program (like torchrun/deepspeed): local, or mpirun/srun/ssh across nodes.
     Launch(commands::launch::Args),
+    /// Fold a PEFT LoRA adapter into its base model and write a plain HF model directory.
+    MergeLora(commands::merge_lora::Args),
     /// Fine-tune a model on a data file with a DeepSpeed config (HF Trainer-style flags).
     Train(Box<commands::train::Args>),
 }
@@ -50,6 +52,7 @@ fn main() {
         Command::Estimate(args) => commands::estimate::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Launch(args) => commands::launch::run(args),
+        Command::MergeLora(args) => commands::merge_lora::run(args),
         Command::Train(args) => commands::train::run(*args),
     };
     if let Err(err) = result {

@@ -193,3 +193,121 @@ fn bad_lines_name_file_and_line_and_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("neither an HF model directory"), "{err}");
 }
+
+fn models_golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../rustspeed-models/tests/golden")
+        .join(name)
+}
+
+/// The batch of a LoRA golden (tools/golden/lora_golden.py) as pre-tokenized JSONL lines, and
+/// PEFT's eval loss on it.
+fn lora_case(case: &str, dir: &Path) -> (PathBuf, PathBuf, f64, u64) {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(models_golden(case).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = g["input_ids"].as_array().unwrap();
+    let labels = g["labels"].as_array().unwrap();
+    let mut lines = String::new();
+    let mut predicted = 0;
+    for (i, l) in ids.iter().zip(labels) {
+        lines.push_str(&serde_json::json!({"input_ids": i, "labels": l}).to_string());
+        lines.push('\n');
+        predicted += l.as_array().unwrap()[1..]
+            .iter()
+            .filter(|x| x.as_i64() != Some(-100))
+            .count() as u64;
+    }
+    let data = dir.join(format!("{case}.jsonl"));
+    std::fs::write(&data, lines).unwrap();
+    let base = models_golden(g["model"].as_str().unwrap());
+    (base, data, g["loss"].as_f64().unwrap(), predicted)
+}
+
+/// `eval --adapter` gives PEFT's eval loss (PeftModel on the base, labels with -100 ignored).
+#[test]
+fn adapter_eval_gives_pefts_loss() {
+    let dir = tempdir("adapter");
+    for case in ["lora_gpt2", "lora_llama"] {
+        let (base, data, want, predicted) = lora_case(case, &dir);
+        let adapter = models_golden(case).join("adapter");
+        let args = [
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ];
+        let got = json_out(&eval(&args));
+        assert_eq!(got["tokens"].as_u64(), Some(predicted), "{case}");
+        let loss = got["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{case}: eval --adapter loss {loss} vs PEFT {want}"
+        );
+        // Without the adapter the loss is the base's, which differs.
+        let plain = json_out(&eval(&args[..5]))["loss"].as_f64().unwrap();
+        assert!(
+            (plain - want).abs() > 1e-3,
+            "{case}: adapter changed nothing"
+        );
+
+        // A quantized base: close to the dense adapted loss, but not equal to it.
+        for q in [
+            &["--quantize", "nf4", "--double-quant"][..],
+            &["--quantize", "fp4"],
+            &["--quantize", "int8"],
+        ] {
+            let mut a = args.to_vec();
+            a.extend_from_slice(q);
+            let ql = json_out(&eval(&a))["loss"].as_f64().unwrap();
+            let rel = ((ql - loss) / loss).abs();
+            assert!(
+                rel > 1e-7 && rel < 0.05,
+                "{case} {q:?}: loss {ql} vs dense {loss}"
+            );
+        }
+    }
+}
+
+#[test]
+fn adapter_and_quantize_flags_are_checked() {
+    let dir = tempdir("adapter-flags");
+    let (base, data, _, _) = lora_case("lora_gpt2", &dir);
+    let (base, data) = (base.to_str().unwrap(), data.to_str().unwrap());
+    // --quantize alone, a bad format, --double-quant on int8, an adapter for another model.
+    let adapter = models_golden("lora_gpt2").join("adapter");
+    let llama_adapter = models_golden("lora_llama").join("adapter");
+    for extra in [
+        vec!["--quantize", "nf4"],
+        vec!["--adapter", adapter.to_str().unwrap(), "--quantize", "nf3"],
+        vec![
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--quantize",
+            "int8",
+            "--double-quant",
+        ],
+        vec!["--adapter", llama_adapter.to_str().unwrap()],
+        vec!["--adapter", dir.to_str().unwrap()],
+    ] {
+        let mut a = vec!["--model", base, "--data", data];
+        a.extend_from_slice(&extra);
+        let out = eval(&a);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Pre-tokenized lines are checked too.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"input_ids\": [1, 2], \"labels\": [1]}\n").unwrap();
+    let out = eval(&["--model", base, "--data", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.jsonl:1"));
+}

@@ -35,6 +35,7 @@ use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
+use crate::peft::prompt::{self, PROMPT_EMBEDDINGS};
 use crate::tuning::Tuning;
 use crate::weights::NameRules;
 
@@ -130,6 +131,7 @@ pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model
         index: 0,
         positions: Vec::new(),
         train: [tuning.trainable(WTE), tuning.trainable(WPE)],
+        virtual_tokens: tuning.virtual_tokens(),
     }));
     for i in 0..cfg.num_hidden_layers {
         layers.push(Box::new(Block::new(
@@ -290,6 +292,8 @@ struct Embedding {
     positions: Vec<u32>,
     /// Whether `wte` and `wpe` train.
     train: [bool; 2],
+    /// Prompt tuning's virtual tokens (parameter `prompt_embeddings`), 0 without.
+    virtual_tokens: usize,
 }
 
 impl Embedding {
@@ -315,10 +319,14 @@ impl<T: Float> Layer<T> for Embedding {
 
     fn own_params(&self) -> Vec<ParamSpec> {
         let d = self.dims.d;
-        vec![
+        let mut specs = vec![
             ParamSpec::new(WTE, &[self.dims.vocab, d]).with_trainable(self.train[0]),
             ParamSpec::new(WPE, &[self.dims.max_positions, d]).with_trainable(self.train[1]),
-        ]
+        ];
+        if self.virtual_tokens > 0 {
+            specs.push(ParamSpec::new(PROMPT_EMBEDDINGS, &[self.virtual_tokens, d]));
+        }
+        specs
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
@@ -328,14 +336,33 @@ impl<T: Float> Layer<T> for Embedding {
         let d = self.dims.d;
         flow.hidden.resize(batch.rows() * d, T::default());
         flow.loss = None;
+        let n = self.virtual_tokens;
+        let real;
+        let ids = if n > 0 {
+            real = prompt::real_ids(batch, n, "GPT-2 embedding");
+            &real
+        } else {
+            &batch.input_ids
+        };
         embedding_forward(
             &mut flow.hidden,
-            &batch.input_ids,
+            ids,
             params[0],
             Some((params[1], &self.positions)),
             d,
         )
         .unwrap_or_else(|e| panic!("GPT-2 embedding: {e}"));
+        if n > 0 {
+            // HF GPT-2 adds wpe to inputs_embeds, virtual tokens included.
+            prompt::place_prompt(
+                &mut flow.hidden,
+                params[2],
+                Some(params[1]),
+                batch.seq_len,
+                n,
+                d,
+            );
+        }
         if ctx.train {
             let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
             dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
@@ -345,7 +372,8 @@ impl<T: Float> Layer<T> for Embedding {
     fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
         let batch = ctx.batch;
         self.check_batch(batch);
-        if self.train == [false, false] {
+        let n = self.virtual_tokens;
+        if self.train == [false, false] && n == 0 {
             flow.hidden.clear();
             return;
         }
@@ -353,6 +381,14 @@ impl<T: Float> Layer<T> for Embedding {
         let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
         dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
         let d = self.dims.d;
+        if n > 0 {
+            prompt::prompt_backward(grads[2], &flow.hidden, batch.seq_len, n, d);
+            // Prompt tuning freezes wte (its ids at virtual positions are placeholders).
+            assert!(
+                !self.train[0],
+                "GPT-2 embedding: wte trains only without a prompt"
+            );
+        }
         let (wte, wpe) = pair(grads, 0);
         if self.train[0] {
             embedding_backward(wte, &batch.input_ids, &flow.hidden, d)

@@ -40,6 +40,7 @@ use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
+use crate::peft::prompt::{self, PROMPT_EMBEDDINGS};
 use crate::tuning::Tuning;
 use crate::weights::{load_hf_weights, NameRules};
 
@@ -115,6 +116,7 @@ pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model
         vocab: cfg.vocab_size,
         d: cfg.hidden_size,
         train: tuning.trainable(EMBED),
+        virtual_tokens: tuning.virtual_tokens(),
     }));
     for i in 0..cfg.num_hidden_layers {
         layers.push(Box::new(Decoder::new(
@@ -249,6 +251,8 @@ struct Embedding {
     vocab: usize,
     d: usize,
     train: bool,
+    /// Prompt tuning's virtual tokens (parameter `prompt_embeddings`), 0 without.
+    virtual_tokens: usize,
 }
 
 impl<T: Float> Layer<T> for Embedding {
@@ -257,19 +261,48 @@ impl<T: Float> Layer<T> for Embedding {
     }
 
     fn own_params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::new(EMBED, &[self.vocab, self.d]).with_trainable(self.train)]
+        let mut specs =
+            vec![ParamSpec::new(EMBED, &[self.vocab, self.d]).with_trainable(self.train)];
+        if self.virtual_tokens > 0 {
+            specs.push(ParamSpec::new(
+                PROMPT_EMBEDDINGS,
+                &[self.virtual_tokens, self.d],
+            ));
+        }
+        specs
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
-        let ids = &ctx.batch.input_ids;
+        let batch = ctx.batch;
+        let n = self.virtual_tokens;
+        let real;
+        let ids = if n > 0 {
+            real = prompt::real_ids(batch, n, "model.embed_tokens");
+            &real
+        } else {
+            &batch.input_ids
+        };
         flow.hidden.resize(ids.len() * self.d, T::default());
         if let Err(e) = embedding_forward(&mut flow.hidden, ids, params[0], None, self.d) {
             panic!("model.embed_tokens: {e}");
+        }
+        if n > 0 {
+            prompt::place_prompt(&mut flow.hidden, params[1], None, batch.seq_len, n, self.d);
         }
     }
 
     fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
         let ids = &ctx.batch.input_ids;
+        let n = self.virtual_tokens;
+        if n > 0 {
+            prompt::prompt_backward(grads[1], &flow.hidden, ctx.batch.seq_len, n, self.d);
+            // Prompt tuning freezes the token embeddings (their ids at virtual positions are
+            // placeholders), so they never train here.
+            assert!(
+                !self.train,
+                "model.embed_tokens: trains only with full fine-tuning"
+            );
+        }
         if self.train {
             if let Err(e) = embedding_backward(grads[0], ids, &flow.hidden, self.d) {
                 panic!("model.embed_tokens: {e}");

@@ -106,6 +106,10 @@ pub fn load_model_tuned<T: Float>(
         crate::peft::adapter::init_lora(&mut loaded.model, lora_seed)
             .expect("the model was built with the LoRA plan");
     }
+    if tuning.prompt_config().is_some() {
+        crate::peft::prompt::init_prompt(&mut loaded.model, lora_seed)
+            .expect("the model was built for prompt tuning");
+    }
     Ok(loaded)
 }
 

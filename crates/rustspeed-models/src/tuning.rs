@@ -6,14 +6,17 @@
 use rustspeed_kernels::quant::QuantConfig;
 
 use crate::hf_config::ModelConfig;
+use crate::peft::prompt::PROMPT_EMBEDDINGS;
 use crate::peft::targets::{self, Resolved};
-use crate::peft::{LoraConfig, LoraModule, PeftError};
+use crate::peft::{LoraConfig, LoraModule, PeftError, PromptTuningConfig};
 
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
     lora: Option<LoraPlan>,
     /// Frozen linear weights held quantized (QLoRA).
     quant: Option<QuantConfig>,
+    /// Prompt tuning: the whole base frozen, only the virtual-token embeddings train.
+    prompt: Option<PromptTuningConfig>,
 }
 
 /// A LoRA config resolved against one architecture.
@@ -35,7 +38,9 @@ pub fn lora_b_name(module: &str) -> String {
 
 /// Whether `param` is a LoRA adapter parameter (never part of a base checkpoint).
 pub fn is_adapter_param(param: &str) -> bool {
-    param.ends_with(".lora_A.weight") || param.ends_with(".lora_B.weight")
+    param.ends_with(".lora_A.weight")
+        || param.ends_with(".lora_B.weight")
+        || param == PROMPT_EMBEDDINGS
 }
 
 impl Tuning {
@@ -51,7 +56,46 @@ impl Tuning {
         Ok(Tuning {
             lora: Some(LoraPlan { config, resolved }),
             quant: None,
+            prompt: None,
         })
+    }
+
+    /// PEFT's prompt tuning on the architecture `cfg` describes: `prompt_embeddings`
+    /// `[num_virtual_tokens, hidden_size]` trains, everything else is frozen.
+    pub fn prompt(mut config: PromptTuningConfig, cfg: &ModelConfig) -> Result<Tuning, PeftError> {
+        match config.token_dim {
+            None => config.token_dim = Some(cfg.hidden_size),
+            Some(d) if d != cfg.hidden_size => {
+                return Err(PeftError::Invalid {
+                    file: "adapter_config.json".into(),
+                    key: "token_dim".into(),
+                    value: d.to_string(),
+                    expected: format!(
+                        "the model's hidden size {} (the adapter was made for another model)",
+                        cfg.hidden_size
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+        config.num_layers.get_or_insert(cfg.num_hidden_layers);
+        config
+            .num_attention_heads
+            .get_or_insert(cfg.num_attention_heads);
+        Ok(Tuning {
+            lora: None,
+            quant: None,
+            prompt: Some(config),
+        })
+    }
+
+    pub fn prompt_config(&self) -> Option<&PromptTuningConfig> {
+        self.prompt.as_ref()
+    }
+
+    /// Virtual tokens each sequence starts with (0 without prompt tuning).
+    pub fn virtual_tokens(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.num_virtual_tokens)
     }
 
     /// Holds every frozen Linear/Conv1D weight of the blocks quantized (`--quantize`), as
@@ -92,6 +136,9 @@ impl Tuning {
 
     /// Whether the parameter named `param` trains.
     pub fn trainable(&self, param: &str) -> bool {
+        if self.prompt.is_some() {
+            return param == PROMPT_EMBEDDINGS;
+        }
         match &self.lora {
             None => true,
             Some(plan) => is_adapter_param(param) || plan.resolved.trainable.contains(param),

@@ -4,6 +4,12 @@
 //! before it. The loss is the total negative log-likelihood over the number of predicted tokens
 //! of all texts (so long texts weigh more, as one long concatenated corpus would).
 //!
+//! Lines may instead hold pre-tokenized records, `{"input_ids": [...], "labels": [...]}` (labels
+//! optional, -100 ignored, as HF datasets give them), scored the same way without a tokenizer.
+//!
+//! `--adapter DIR` evaluates the base with a PEFT LoRA adapter attached (not merged), and
+//! `--quantize nf4|fp4|int8` holds the base's frozen linears quantized as QLoRA training does.
+//!
 //! Texts of similar length are batched together (sorted by length, right-padded with labels
 //! ignored on padding) so that short texts do not each pay a whole forward pass; causal
 //! attention means padding after a text never changes its scores.
@@ -13,8 +19,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use half::bf16;
 use rustspeed_kernels::Float;
-use rustspeed_models::loader::{load_model, LoadError};
-use rustspeed_models::{Batch, IGNORE_INDEX};
+use rustspeed_models::loader::{load_model, load_model_tuned, model_config, LoadError};
+use rustspeed_models::peft::{self, LoraConfig};
+use rustspeed_models::{Batch, Tuning, IGNORE_INDEX};
 use serde_json::json;
 
 use crate::exit::UsageError;
@@ -24,7 +31,8 @@ pub struct Args {
     /// HF model directory (config.json, safetensors, tokenizer) or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// JSONL with a `text` field per line, or a .txt file with one text per line.
+    /// JSONL with a `text` field per line (or pre-tokenized `input_ids` and optional `labels`),
+    /// or a .txt file with one text per line.
     #[arg(long)]
     pub data: PathBuf,
     /// Tokens per text at most (default: the model's maximum positions).
@@ -39,6 +47,27 @@ pub struct Args {
     /// Print {"loss", "perplexity", "tokens"} as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// A PEFT LoRA adapter directory to attach to the base (adapter_config.json +
+    /// adapter_model.safetensors), e.g. OUT/final of `rustspeed train --lora-r ...`.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Hold the base's frozen linears quantized (nf4, fp4 or int8), as QLoRA trains them.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Quantize nf4/fp4 block absmax values too (bitsandbytes' double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+}
+
+/// One line of the data file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Text(String),
+    /// Token ids with HF labels (the ids themselves when the line has none).
+    Tokens {
+        input_ids: Vec<u32>,
+        labels: Vec<i32>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -71,10 +100,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
         .into());
     }
-    let texts = read_texts(&args.data)?;
+    if args.double_quant && args.quantize.is_none() {
+        return Err(UsageError("--double-quant needs --quantize nf4|fp4".into()).into());
+    }
+    let tuning = tuning_from_args(&args)?;
+    let records = read_records(&args.data)?;
     let result = match args.dtype {
-        EvalDtype::F32 => evaluate::<f32>(&args, &texts)?,
-        EvalDtype::Bf16 => evaluate::<bf16>(&args, &texts)?,
+        EvalDtype::F32 => evaluate::<f32>(&args, tuning.as_ref(), &records)?,
+        EvalDtype::Bf16 => evaluate::<bf16>(&args, tuning.as_ref(), &records)?,
     };
     if args.json {
         let out =
@@ -88,65 +121,155 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The texts of a JSONL file (`text` field) or a .txt file (one per line; blank lines skipped).
-pub fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
+/// The adapter (and quantized base) `--adapter` / `--quantize` ask for; `None` for the plain model.
+fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
+    let Some(dir) = &args.adapter else {
+        if let Some(q) = &args.quantize {
+            return Err(UsageError(format!(
+                "not supported yet: --quantize {q} without --adapter (rustspeed quantizes a base only under adapters; evaluate the dense base, or give --adapter DIR)"
+            ))
+            .into());
+        }
+        return Ok(None);
+    };
+    let usage = |e: peft::PeftError| UsageError(format!("--adapter {}: {e}", dir.display()));
+    let lora = LoraConfig::from_path(dir).map_err(usage)?;
+    let cfg = model_config(&args.model)?;
+    let mut tuning = Tuning::lora(lora, &cfg).map_err(usage)?;
+    if let Some(q) = &args.quantize {
+        let qc = super::quantize::quant_config(q, args.double_quant)?;
+        tuning = tuning.with_quantization(qc).map_err(usage)?;
+    }
+    Ok(Some(tuning))
+}
+
+/// The records of a JSONL file (`text`, or `input_ids` [+ `labels`]) or a .txt file (one text
+/// per line; blank lines skipped).
+pub fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
     let content = std::fs::read_to_string(path)
         .map_err(|e| DataError(format!("cannot read data file {}: {e}", path.display())))?;
     let is_txt = path.extension().is_some_and(|e| e == "txt");
-    let mut texts = Vec::new();
+    let mut records = Vec::new();
     for (i, line) in content.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         if is_txt {
-            texts.push(line.to_string());
+            records.push(Record::Text(line.to_string()));
             continue;
         }
         let at = format!("{}:{}", path.display(), i + 1);
         let value: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| DataError(format!("{at}: not valid JSON: {e}")))?;
+        if let Some(ids) = value.get("input_ids") {
+            records.push(token_record(&at, ids, value.get("labels"))?);
+            continue;
+        }
         match value.get("text") {
-            Some(serde_json::Value::String(s)) => texts.push(s.clone()),
+            Some(serde_json::Value::String(s)) => records.push(Record::Text(s.clone())),
             Some(other) => {
                 return Err(DataError(format!("{at}: `text` is {other}, expected a string")).into())
             }
             None => {
                 return Err(DataError(format!(
-                    "{at}: no `text` field (each line must be a JSON object with a string `text`)"
+                    "{at}: no `text` field (each line must be a JSON object with a string `text`, or `input_ids`)"
                 ))
                 .into())
             }
         }
     }
-    if texts.is_empty() {
+    if records.is_empty() {
         return Err(DataError(format!("{}: no texts", path.display())).into());
     }
-    Ok(texts)
+    Ok(records)
 }
 
-fn evaluate<T: Float>(args: &Args, texts: &[String]) -> anyhow::Result<EvalResult> {
-    let loaded = load_model::<T>(&args.model).map_err(|e| match e {
+fn token_record(
+    at: &str,
+    ids: &serde_json::Value,
+    labels: Option<&serde_json::Value>,
+) -> anyhow::Result<Record> {
+    let ints = |key: &str, v: &serde_json::Value| -> anyhow::Result<Vec<i64>> {
+        v.as_array()
+            .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| DataError(format!("{at}: `{key}` must be an array of integers")).into())
+    };
+    let input_ids = ints("input_ids", ids)?
+        .into_iter()
+        .map(|x| u32::try_from(x).map_err(|_| DataError(format!("{at}: `input_ids` has {x}"))))
+        .collect::<Result<Vec<u32>, _>>()?;
+    let labels = match labels {
+        None | Some(serde_json::Value::Null) => input_ids.iter().map(|&x| x as i32).collect(),
+        Some(v) => {
+            let l = ints("labels", v)?;
+            if l.len() != input_ids.len() {
+                return Err(DataError(format!(
+                    "{at}: {} labels for {} input_ids (they must be the same length)",
+                    l.len(),
+                    input_ids.len()
+                ))
+                .into());
+            }
+            l.into_iter().map(|x| x as i32).collect()
+        }
+    };
+    Ok(Record::Tokens { input_ids, labels })
+}
+
+fn evaluate<T: Float>(
+    args: &Args,
+    tuning: Option<&Tuning>,
+    records: &[Record],
+) -> anyhow::Result<EvalResult> {
+    let not_a_model = |e: LoadError| match e {
         LoadError::NotAModel { .. } => anyhow::Error::new(UsageError(e.to_string())),
         other => anyhow::Error::new(other),
-    })?;
-    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
-        UsageError(format!(
-            "{}: no tokenizer (tokenizer.json, or vocab.json + merges.txt) to encode the texts",
-            args.model.display()
-        ))
-    })?;
+    };
+    let mut loaded = match tuning {
+        None => load_model::<T>(&args.model).map_err(not_a_model)?,
+        Some(t) => load_model_tuned::<T>(&args.model, t, 0).map_err(not_a_model)?,
+    };
+    if let Some(dir) = &args.adapter {
+        peft::load_adapter(dir, &mut loaded.model)?;
+    }
     let max_len = args
         .max_length
         .unwrap_or(loaded.config.max_position_embeddings)
         .min(loaded.config.max_position_embeddings);
-    let mut seqs = Vec::with_capacity(texts.len());
-    for text in texts {
-        let mut ids = tokenizer
-            .encode(text, true)
-            .with_context(|| format!("tokenizing {:?}", abbreviate(text)))?;
+    // (input ids, HF labels) per sequence.
+    let mut seqs: Vec<(Vec<u32>, Vec<i32>)> = Vec::with_capacity(records.len());
+    for record in records {
+        let (mut ids, mut labels) = match record {
+            Record::Tokens { input_ids, labels } => (input_ids.clone(), labels.clone()),
+            Record::Text(text) => {
+                let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
+                    UsageError(format!(
+                        "{}: no tokenizer (tokenizer.json, or vocab.json + merges.txt) to encode the texts; give pre-tokenized `input_ids` lines instead",
+                        args.model.display()
+                    ))
+                })?;
+                let ids = tokenizer
+                    .encode(text, true)
+                    .with_context(|| format!("tokenizing {:?}", abbreviate(text)))?;
+                let labels = ids.iter().map(|&x| x as i32).collect();
+                (ids, labels)
+            }
+        };
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&x| x as usize >= loaded.config.vocab_size)
+        {
+            return Err(DataError(format!(
+                "{}: token id {bad} is outside the model's vocabulary ({} tokens)",
+                args.data.display(),
+                loaded.config.vocab_size
+            ))
+            .into());
+        }
         ids.truncate(max_len);
+        labels.truncate(max_len);
         if ids.len() >= 2 {
-            seqs.push(ids);
+            seqs.push((ids, labels));
         }
     }
     if seqs.is_empty() {
@@ -158,8 +281,8 @@ fn evaluate<T: Float>(args: &Args, texts: &[String]) -> anyhow::Result<EvalResul
     }
     let mut model = loaded.model;
     // Longest first, so the progress bar's rate settles early and batches share a length.
-    seqs.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let total_tokens: usize = seqs.iter().map(|s| s.len() - 1).sum();
+    seqs.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+    let total_tokens: usize = seqs.iter().map(|s| s.0.len() - 1).sum();
     let progress = progress_bar(total_tokens);
     let mut nll = 0f64;
     let mut tokens = 0usize;
@@ -180,16 +303,14 @@ fn evaluate<T: Float>(args: &Args, texts: &[String]) -> anyhow::Result<EvalResul
 }
 
 /// Right-pads `seqs` to the longest; padding is token 0 with ignored labels.
-fn pad_batch(seqs: &[Vec<u32>]) -> Batch {
-    let seq_len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+fn pad_batch(seqs: &[(Vec<u32>, Vec<i32>)]) -> Batch {
+    let seq_len = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
     let mut input_ids = vec![0u32; seqs.len() * seq_len];
     let mut labels = vec![IGNORE_INDEX; seqs.len() * seq_len];
-    for (b, s) in seqs.iter().enumerate() {
+    for (b, (ids, l)) in seqs.iter().enumerate() {
         let row = b * seq_len;
-        input_ids[row..row + s.len()].copy_from_slice(s);
-        for (l, &id) in labels[row..row + s.len()].iter_mut().zip(s) {
-            *l = id as i32;
-        }
+        input_ids[row..row + ids.len()].copy_from_slice(ids);
+        labels[row..row + l.len()].copy_from_slice(l);
     }
     Batch::from_hf_labels(seqs.len(), seq_len, input_ids, &labels)
 }

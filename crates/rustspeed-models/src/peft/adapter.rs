@@ -128,6 +128,9 @@ pub fn save_adapter<T: Float>(
     model: &Model<T>,
     base_model_name_or_path: Option<&str>,
 ) -> Result<AdapterFiles, PeftError> {
+    if model.tuning.prompt_config().is_some() {
+        return super::prompt::save_prompt_adapter(dir, model, base_model_name_or_path);
+    }
     let plan = model
         .tuning
         .lora_plan()
@@ -173,6 +176,9 @@ pub fn save_adapter<T: Float>(
 /// Loads `dir/adapter_model.safetensors` into a model built with the adapter's config (every
 /// LoRA pair must be present; a tensor for a parameter the config does not train is an error).
 pub fn load_adapter<T: Float>(dir: &Path, model: &mut Model<T>) -> Result<(), PeftError> {
+    if model.tuning.prompt_config().is_some() {
+        return super::prompt::load_prompt_adapter(dir, model);
+    }
     if model.tuning.lora_plan().is_none() {
         return Err(no_lora("load_adapter"));
     }

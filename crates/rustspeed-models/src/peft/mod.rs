@@ -5,12 +5,14 @@
 pub mod adapter;
 pub mod config;
 pub mod merge;
+pub mod prompt;
 pub mod targets;
 
 use std::path::PathBuf;
 
 pub use adapter::{load_adapter, save_adapter, AdapterFiles};
 pub use config::{LoraBias, LoraConfig, LoraInit, TargetModules};
+pub use prompt::{prefix_batch, PromptTuningConfig};
 pub use targets::LoraModule;
 
 use crate::error::ModelError;
@@ -52,3 +54,35 @@ pub enum PeftError {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// The PEFT methods rustspeed reads from adapter_config.json.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterKind {
+    Lora,
+    PromptTuning,
+}
+
+/// Which method adapter_config.json text (`file` names it in errors) describes; other
+/// `peft_type`s fail as not supported yet, naming the type.
+pub fn adapter_kind(file: &str, text: &str) -> Result<AdapterKind, PeftError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| PeftError::Json {
+        file: file.to_string(),
+        message: e.to_string(),
+    })?;
+    match value.get("peft_type").and_then(|v| v.as_str()) {
+        Some("LORA") => Ok(AdapterKind::Lora),
+        Some("PROMPT_TUNING") => Ok(AdapterKind::PromptTuning),
+        Some(other) => Err(PeftError::Unsupported {
+            file: file.to_string(),
+            key: "peft_type".into(),
+            value: format!("\"{other}\""),
+            hint: "rustspeed implements LORA and PROMPT_TUNING adapters".into(),
+        }),
+        None => Err(PeftError::Invalid {
+            file: file.to_string(),
+            key: "peft_type".into(),
+            value: "missing".into(),
+            expected: "\"LORA\" or \"PROMPT_TUNING\" (is this a PEFT adapter_config.json?)".into(),
+        }),
+    }
+}

@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use rustspeed_kernels::quant::{QuantConfig, QuantFormat};
 use rustspeed_kernels::Float;
 use rustspeed_models::loader::{load_model_tuned, model_config};
 use rustspeed_models::peft::{self, config::target_modules_from_flag, LoraConfig};
 use rustspeed_models::{Model, Tuning};
 
 use super::Args;
+use crate::commands::quantize::quant_config;
 use crate::exit::UsageError;
 
 /// The tuning the flags ask for; `None` for full fine-tuning.
@@ -73,18 +73,9 @@ pub fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
     let cfg = model_config(&args.model)?;
     let mut tuning = Tuning::lora(lora, &cfg).map_err(usage)?;
     if let Some(q) = &args.quantize {
-        let format: QuantFormat = q
-            .parse()
-            .map_err(|e| UsageError(format!("--quantize {q}: {e}")))?;
-        let qc = match format {
-            QuantFormat::Nf4 => QuantConfig::nf4(args.double_quant),
-            QuantFormat::Fp4 => QuantConfig::fp4(args.double_quant),
-            QuantFormat::Int8 if args.double_quant => {
-                return Err(UsageError("--double-quant applies to nf4 and fp4 only".into()).into())
-            }
-            QuantFormat::Int8 => QuantConfig::int8(),
-        };
-        tuning = tuning.with_quantization(qc).map_err(usage)?;
+        tuning = tuning
+            .with_quantization(quant_config(q, args.double_quant)?)
+            .map_err(usage)?;
     }
     Ok(Some(tuning))
 }
