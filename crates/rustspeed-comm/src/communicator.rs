@@ -94,7 +94,42 @@ impl Done {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut ShmGroup) -> Result<()> + Send>;
+/// The collective state a communication thread owns: one per backend.
+pub(crate) enum Worker {
+    Shm(ShmGroup),
+    #[cfg(feature = "mpi")]
+    Mpi(crate::mpi_backend::MpiGroup),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $g:ident => $call:expr) => {
+        match $self {
+            Worker::Shm($g) => $call,
+            #[cfg(feature = "mpi")]
+            Worker::Mpi($g) => $call,
+        }
+    };
+}
+
+impl Worker {
+    fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        dispatch!(self, g => g.all_reduce(buf, op))
+    }
+    fn reduce_scatter<T: Elem>(&mut self, i: &[T], o: &mut [T], op: ReduceOp) -> Result<()> {
+        dispatch!(self, g => g.reduce_scatter(i, o, op))
+    }
+    fn all_gather<T: Elem>(&mut self, i: &[T], o: &mut [T]) -> Result<()> {
+        dispatch!(self, g => g.all_gather(i, o))
+    }
+    fn broadcast<T: Elem>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        dispatch!(self, g => g.broadcast(buf, root))
+    }
+    fn barrier(&mut self) -> Result<()> {
+        dispatch!(self, g => g.barrier())
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) -> Result<()> + Send>;
 type JobSender = mpsc::Sender<(Job, Arc<Done>)>;
 
 /// Raw slice pointers moved to the communication thread. Whoever makes one guarantees the
@@ -119,7 +154,10 @@ impl<T> Ptr<T> {
 }
 
 struct Shared {
-    region: Arc<Region>,
+    /// The shared-memory region (send/recv use it directly); None for MPI, where every call
+    /// goes through the communication thread.
+    region: Option<Arc<Region>>,
+    name: &'static str,
     tx: Mutex<Option<JobSender>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -127,7 +165,66 @@ struct Shared {
 enum Backend {
     /// World size 1: every collective is a copy (or nothing), no thread, no shared memory.
     Single,
-    Shm(Shared),
+    Threaded(Shared),
+}
+
+/// Starts the communication thread; `make` builds its state on that thread (MPI must be
+/// initialised by the thread that calls it). Returns once `make` succeeded or failed.
+fn spawn_worker(
+    rank_hint: usize,
+    make: impl FnOnce() -> Result<Worker> + Send + 'static,
+) -> Result<(JobSender, JoinHandle<()>, Worker0)> {
+    let (tx, rx) = mpsc::channel::<(Job, Arc<Done>)>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Worker0>>();
+    let handle = std::thread::Builder::new()
+        .name(format!("rustspeed-comm-{rank_hint}"))
+        .spawn(move || {
+            let mut worker = match make() {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(worker0(&worker)));
+            // After one failure every later job gets the same error: the protocol state
+            // is unknown, and continuing could hang or exchange wrong data.
+            let mut broken: Option<CommError> = None;
+            for (job, done) in rx {
+                let r = match &broken {
+                    Some(e) => Err(e.clone()),
+                    None => job(&mut worker),
+                };
+                if let Err(e) = &r {
+                    if e.kind != ErrorKind::InvalidArgument {
+                        broken.get_or_insert_with(|| e.clone());
+                    }
+                }
+                done.set(r);
+            }
+        })
+        .map_err(|e| CommError::setup(format!("cannot spawn the communication thread: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(w0)) => Ok((tx, handle, w0)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => Err(CommError::setup(
+            "the communication thread died during setup",
+        )),
+    }
+}
+
+/// What the caller learns from a freshly built worker: (rank, world size).
+type Worker0 = (usize, usize);
+
+fn worker0(w: &Worker) -> Worker0 {
+    match w {
+        Worker::Shm(g) => (g.region.rank, g.region.world),
+        #[cfg(feature = "mpi")]
+        Worker::Mpi(g) => (g.rank, g.size),
+    }
 }
 
 /// A group of ranks and the collectives between them.
@@ -161,17 +258,19 @@ impl Communicator {
             c.timeout = cfg.timeout;
             return Ok(c);
         }
+        let one_node = info.local_world_size == info.world_size;
         match std::env::var("RUSTSPEED_COMM_BACKEND").as_deref() {
-            Ok("shm") | Err(_) => {}
-            Ok("mpi") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=mpi (the mpi cargo feature is not built yet); unset it to use the shm backend on one machine")),
-            Ok("nccl") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=nccl (needs the cuda feature and a GPU); unset it to use the shm backend")),
+            Ok("shm") => {}
+            Err(_) if one_node => {}
+            Ok("mpi") | Err(_) => return Self::mpi(info, cfg),
+            Ok("nccl") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=nccl for host buffers (NCCL works on device buffers: rustspeed_comm::nccl with the cuda feature); unset it to use the shm backend")),
             Ok(other) => {
                 return Err(CommError::setup(format!(
                     "RUSTSPEED_COMM_BACKEND={other}: expected shm, mpi or nccl"
                 )))
             }
         }
-        if info.local_world_size != info.world_size {
+        if !one_node {
             return Err(CommError::not_supported(format!(
                 "the shm backend across machines (WORLD_SIZE={}, LOCAL_WORLD_SIZE={}); shm needs every rank on one machine, \
                  multi-node runs need the mpi backend",
@@ -250,38 +349,53 @@ impl Communicator {
             region
         };
         let region = Arc::new(region);
-        let (tx, rx) = mpsc::channel::<(Job, Arc<Done>)>();
-        let mut group = ShmGroup::new(region.clone());
-        let worker = std::thread::Builder::new()
-            .name(format!("rustspeed-comm-{rank}"))
-            .spawn(move || {
-                // After one failure every later job gets the same error: the protocol state
-                // is unknown, and continuing could hang or exchange wrong data.
-                let mut broken: Option<CommError> = None;
-                for (job, done) in rx {
-                    let r = match &broken {
-                        Some(e) => Err(e.clone()),
-                        None => job(&mut group),
-                    };
-                    if let Err(e) = &r {
-                        if e.kind != ErrorKind::InvalidArgument {
-                            broken.get_or_insert_with(|| e.clone());
-                        }
-                    }
-                    done.set(r);
-                }
-            })
-            .map_err(|e| CommError::setup(format!("cannot spawn the communication thread: {e}")))?;
+        let r2 = region.clone();
+        let (tx, worker, _) = spawn_worker(rank, move || Ok(Worker::Shm(ShmGroup::new(r2))))?;
         Ok(Communicator {
             info,
             timeout: cfg.timeout,
-            backend: Backend::Shm(Shared {
-                region,
+            backend: Backend::Threaded(Shared {
+                region: Some(region),
+                name: "shm",
                 tx: Mutex::new(Some(tx)),
                 worker: Mutex::new(Some(worker)),
             }),
             store: Some(store),
         })
+    }
+
+    /// The MPI backend (cargo feature `mpi`): rank and size come from MPI (run under mpirun
+    /// or srun); LOCAL_RANK from the launcher's variables.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(info: RankInfo, cfg: CommConfig) -> Result<Communicator> {
+        let timeout = cfg.timeout;
+        let (tx, worker, (rank, size)) = spawn_worker(info.rank, move || {
+            crate::mpi_backend::MpiGroup::init(timeout).map(Worker::Mpi)
+        })?;
+        Ok(Communicator {
+            info: RankInfo {
+                rank,
+                world_size: size,
+                ..info
+            },
+            timeout,
+            backend: Backend::Threaded(Shared {
+                region: None,
+                name: "mpi",
+                tx: Mutex::new(Some(tx)),
+                worker: Mutex::new(Some(worker)),
+            }),
+            store: None,
+        })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    pub fn mpi(info: RankInfo, _cfg: CommConfig) -> Result<Communicator> {
+        Err(CommError::not_supported(format!(
+            "the mpi backend (needed for WORLD_SIZE={} over several machines, or RUSTSPEED_COMM_BACKEND=mpi): \
+             rebuild with `--features rustspeed-comm/mpi` (needs libopenmpi-dev, openmpi-bin, libclang-dev)",
+            info.world_size
+        )))
     }
 
     /// Threads-as-ranks helper (tests, tools): `world` communicators on one store.
@@ -329,9 +443,9 @@ impl Communicator {
     }
     /// Name of the backend in use.
     pub fn backend_name(&self) -> &'static str {
-        match self.backend {
+        match &self.backend {
             Backend::Single => "single",
-            Backend::Shm(_) => "shm",
+            Backend::Threaded(s) => s.name,
         }
     }
 
@@ -339,7 +453,7 @@ impl Communicator {
         let done = Done::new();
         match &self.backend {
             Backend::Single => unreachable!("world size 1 runs inline"),
-            Backend::Shm(s) => {
+            Backend::Threaded(s) => {
                 let tx = s.tx.lock().unwrap();
                 let sent = tx.as_ref().map(|tx| tx.send((job, done.clone())).is_ok());
                 if sent != Some(true) {
@@ -387,7 +501,7 @@ impl Communicator {
     pub fn barrier(&self) -> Result<()> {
         match &self.backend {
             Backend::Single => Ok(()),
-            Backend::Shm(_) => self.submit(Box::new(|g| g.barrier())).wait(),
+            Backend::Threaded(_) => self.submit(Box::new(|g| g.barrier())).wait(),
         }
     }
 
@@ -398,7 +512,21 @@ impl Communicator {
             Backend::Single => Err(CommError::invalid(format!(
                 "send to rank {dst} in a world of one"
             ))),
-            Backend::Shm(s) => s.region.send(buf, dst),
+            Backend::Threaded(Shared {
+                region: Some(r), ..
+            }) => r.send(buf, dst),
+            #[cfg(feature = "mpi")]
+            Backend::Threaded(_) => {
+                let p = Ptr::of(buf);
+                // SAFETY: we wait for the job before `buf`'s borrow ends.
+                self.submit(Box::new(move |w| match w {
+                    Worker::Mpi(g) => g.send(unsafe { p.get() }, dst),
+                    _ => unreachable!("shm sends go through the region"),
+                }))
+                .wait()
+            }
+            #[cfg(not(feature = "mpi"))]
+            Backend::Threaded(_) => unreachable!("without MPI every threaded backend has a region"),
         }
     }
 
@@ -408,7 +536,21 @@ impl Communicator {
             Backend::Single => Err(CommError::invalid(format!(
                 "recv from rank {src} in a world of one"
             ))),
-            Backend::Shm(s) => s.region.recv(buf, src),
+            Backend::Threaded(Shared {
+                region: Some(r), ..
+            }) => r.recv(buf, src),
+            #[cfg(feature = "mpi")]
+            Backend::Threaded(_) => {
+                let p = Ptr::of_mut(buf);
+                // SAFETY: we wait for the job before `buf`'s borrow ends.
+                self.submit(Box::new(move |w| match w {
+                    Worker::Mpi(g) => g.recv(unsafe { p.get_mut() }, src),
+                    _ => unreachable!("shm receives go through the region"),
+                }))
+                .wait()
+            }
+            #[cfg(not(feature = "mpi"))]
+            Backend::Threaded(_) => unreachable!("without MPI every threaded backend has a region"),
         }
     }
 
@@ -452,7 +594,7 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if let Backend::Shm(s) = &self.backend {
+        if let Backend::Threaded(s) = &self.backend {
             s.tx.lock().unwrap().take(); // ends the worker's loop once queued jobs ran
             if let Some(w) = s.worker.lock().unwrap().take() {
                 let _ = w.join();
@@ -499,8 +641,8 @@ impl<'s, 'env> Scope<'s, 'env> {
         Handle { done, out }
     }
 
-    fn shm(&self) -> bool {
-        matches!(self.comm.backend, Backend::Shm(_))
+    fn threaded(&self) -> bool {
+        matches!(self.comm.backend, Backend::Threaded(_))
     }
 
     /// Non-blocking `Communicator::all_reduce`.
@@ -509,7 +651,7 @@ impl<'s, 'env> Scope<'s, 'env> {
         buf: &'s mut [T],
         op: ReduceOp,
     ) -> Result<Handle<'s, [T]>> {
-        if !self.shm() {
+        if !self.threaded() {
             return Ok(self.start(buf, None));
         }
         let p = Ptr::of_mut(buf);
@@ -536,7 +678,7 @@ impl<'s, 'env> Scope<'s, 'env> {
                 input.len()
             )));
         }
-        if !self.shm() {
+        if !self.threaded() {
             output.copy_from_slice(&input[..c]);
             return Ok(self.start(output, None));
         }
@@ -563,7 +705,7 @@ impl<'s, 'env> Scope<'s, 'env> {
                 input.len()
             )));
         }
-        if !self.shm() {
+        if !self.threaded() {
             output.copy_from_slice(input);
             return Ok(self.start(output, None));
         }
@@ -581,7 +723,7 @@ impl<'s, 'env> Scope<'s, 'env> {
                 "broadcast from root {root}: ranks are 0..{ws}"
             )));
         }
-        if !self.shm() {
+        if !self.threaded() {
             return Ok(self.start(buf, None));
         }
         let p = Ptr::of_mut(buf);

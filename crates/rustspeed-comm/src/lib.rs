@@ -14,6 +14,8 @@ pub mod env;
 pub mod error;
 mod futex;
 pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi_backend;
 pub mod partition;
 pub mod shm;
 pub mod store;
