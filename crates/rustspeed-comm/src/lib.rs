@@ -16,6 +16,8 @@ mod futex;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi_backend;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod partition;
 pub mod shm;
 pub mod store;

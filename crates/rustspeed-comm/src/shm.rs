@@ -201,6 +201,26 @@ impl Region {
                 human_bytes(layout.total_bytes())
             ))
         })?;
+        // tmpfs allocates pages on first touch; a full /dev/shm (Docker's default is 64 MiB)
+        // would then kill us with SIGBUS in the middle of a collective. Reserve them now.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid fd and an in-range length.
+            let r = unsafe {
+                libc::posix_fallocate(file.as_raw_fd(), 0, layout.total_bytes() as libc::off_t)
+            };
+            if r != 0 {
+                let _ = std::fs::remove_file(path);
+                return Err(CommError::setup(format!(
+                    "shm backend: cannot reserve {} in {}: {} (is /dev/shm too small? `df -h /dev/shm`; \
+                     Docker: --shm-size=1g; or lower RUSTSPEED_SHM_CHUNK_BYTES)",
+                    human_bytes(layout.total_bytes()),
+                    path.display(),
+                    std::io::Error::from_raw_os_error(r)
+                )));
+            }
+        }
         let region = Self::map(&file, path, 0, layout, timeout)?;
         let h = region.base;
         // SAFETY: the header lies inside the mapping; nobody else has it yet.
