@@ -392,3 +392,33 @@ fn store_set_get_add_wait() {
         assert!(e.message.contains("MASTER_ADDR:MASTER_PORT"), "{e}");
     }
 }
+
+#[test]
+fn different_reduce_ops_are_a_mismatch() {
+    let errs = run(2, small(4096), |comm| {
+        let op = if comm.rank() == 0 {
+            ReduceOp::Sum
+        } else {
+            ReduceOp::Mean
+        };
+        comm.all_reduce(&mut [1f32; 4], op).unwrap_err()
+    });
+    for e in errs {
+        assert!(
+            e.message.contains("all_reduce(sum) #1") && e.message.contains("all_reduce(mean) #1"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn communicator_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Communicator>();
+    // Two threads of one rank issuing blocking collectives in a fixed order through a mutex
+    // would be the caller's job; here: a world of one is usable from anywhere.
+    let c = Communicator::single();
+    std::thread::scope(|s| {
+        s.spawn(|| c.all_reduce(&mut [1f32], ReduceOp::Sum).unwrap());
+    });
+}
