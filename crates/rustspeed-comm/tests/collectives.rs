@@ -373,6 +373,7 @@ fn store_set_get_add_wait() {
         server.add("count", 1).unwrap();
         server
     });
+    client.wait(&["a", "late"]).unwrap();
     assert_eq!(client.get("late").unwrap(), b"x");
     assert_eq!(client.wait_ge("count", 1, "test").unwrap(), 1);
     let server = t.join().unwrap();
