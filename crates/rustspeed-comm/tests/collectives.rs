@@ -188,7 +188,7 @@ fn non_blocking_calls_return_at_once_and_overlap() {
         );
         if me == 1 {
             // Rank 0's collectives cannot complete before rank 1 joins.
-            std::thread::sleep(Duration::from_millis(400));
+            std::thread::sleep(Duration::from_millis(700));
         }
         let mut busy = 0u64;
         comm.scope(|s| {
@@ -301,8 +301,9 @@ fn watchdog_names_op_size_seq_and_missing_rank() {
     let errs = run(3, cfg, |comm| {
         comm.barrier().unwrap();
         if comm.rank() == 2 {
-            // Never calls the collective, but stays alive (no dead-peer shortcut).
-            std::thread::sleep(Duration::from_millis(2500));
+            // Never calls the collective, but stays alive well past the others' deadline (no
+            // dead-peer shortcut even on a loaded machine).
+            std::thread::sleep(Duration::from_millis(4000));
             return None;
         }
         let mut buf = vec![bf16::ONE; 2048];
