@@ -592,6 +592,125 @@ impl Communicator {
     }
 }
 
+/// Unscoped non-blocking collectives, for callers whose buffers the borrow checker cannot
+/// lend to a `scope` (the engine writes layer L-1's gradients through a view of the same flat
+/// buffer whose layer-L range is being reduced).
+///
+/// # Safety (every `start_*`)
+/// The buffers must stay allocated, inputs unwritten and outputs untouched until the returned
+/// `Pending` is waited on or dropped (dropping waits). Leaking it (`mem::forget`) while the
+/// buffers are freed or used is undefined behaviour.
+impl Communicator {
+    /// Non-blocking `all_reduce` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `buf` stays valid and untouched until the `Pending` is done.
+    pub unsafe fn start_all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) -> Result<Pending> {
+        if !self.is_threaded() {
+            return Ok(Pending { done: None });
+        }
+        let p = Ptr::of_mut(buf);
+        Ok(self.pending(Box::new(move |g| g.all_reduce(unsafe { p.get_mut() }, op))))
+    }
+
+    /// Non-blocking `reduce_scatter` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `input` unwritten and `output` untouched until the `Pending` is done.
+    pub unsafe fn start_reduce_scatter<T: Elem>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<Pending> {
+        check_scatter(input.len(), output.len(), self.world_size())?;
+        if !self.is_threaded() {
+            output.copy_from_slice(&input[..output.len()]);
+            return Ok(Pending { done: None });
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        Ok(self.pending(Box::new(move |g| {
+            g.reduce_scatter(unsafe { i.get() }, unsafe { o.get_mut() }, op)
+        })))
+    }
+
+    /// Non-blocking `all_gather` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `input` unwritten and `output` untouched until the `Pending` is done.
+    pub unsafe fn start_all_gather<T: Elem>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<Pending> {
+        check_gather(input.len(), output.len(), self.world_size())?;
+        if !self.is_threaded() {
+            output.copy_from_slice(input);
+            return Ok(Pending { done: None });
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        Ok(self.pending(Box::new(move |g| {
+            g.all_gather(unsafe { i.get() }, unsafe { o.get_mut() })
+        })))
+    }
+
+    fn is_threaded(&self) -> bool {
+        matches!(self.backend, Backend::Threaded(_))
+    }
+
+    fn pending(&self, job: Job) -> Pending {
+        Pending {
+            done: Some(self.submit(job)),
+        }
+    }
+}
+
+/// A collective started by an unsafe `start_*` call. Dropping it waits for completion.
+#[must_use = "dropping a Pending blocks until the collective is done"]
+pub struct Pending {
+    done: Option<Arc<Done>>,
+}
+
+impl Pending {
+    /// Blocks until the collective finished on this rank.
+    pub fn wait(mut self) -> Result<()> {
+        self.done.take().map_or(Ok(()), |d| d.wait())
+    }
+    /// Whether `wait` would return at once.
+    pub fn is_done(&self) -> bool {
+        self.done.as_ref().is_none_or(|d| d.is_set())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = d.wait();
+        }
+    }
+}
+
+fn check_scatter(n: usize, out: usize, ws: usize) -> Result<()> {
+    let c = partition_len(n, ws);
+    if out != c {
+        return Err(CommError::invalid(format!(
+            "reduce_scatter of {n} elements over {ws} ranks: output holds {out} elements, expected ceil({n}/{ws}) = {c} \
+             (see rustspeed_comm::partition_len)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_gather(input: usize, n: usize, ws: usize) -> Result<()> {
+    let c = partition_len(n, ws);
+    if input != c {
+        return Err(CommError::invalid(format!(
+            "all_gather into {n} elements over {ws} ranks: each rank's input must hold ceil({n}/{ws}) = {c} elements, got {input}"
+        )));
+    }
+    Ok(())
+}
+
 impl Drop for Communicator {
     fn drop(&mut self) {
         if let Backend::Threaded(s) = &self.backend {
@@ -667,17 +786,8 @@ impl<'s, 'env> Scope<'s, 'env> {
         output: &'s mut [T],
         op: ReduceOp,
     ) -> Result<Handle<'s, [T]>> {
-        let ws = self.comm.world_size();
-        let c = partition_len(input.len(), ws);
-        if output.len() != c {
-            return Err(CommError::invalid(format!(
-                "reduce_scatter of {} elements over {ws} ranks: output holds {} elements, expected ceil({}/{ws}) = {c} \
-                 (see rustspeed_comm::partition_len)",
-                input.len(),
-                output.len(),
-                input.len()
-            )));
-        }
+        check_scatter(input.len(), output.len(), self.comm.world_size())?;
+        let c = output.len();
         if !self.threaded() {
             output.copy_from_slice(&input[..c]);
             return Ok(self.start(output, None));
@@ -695,16 +805,7 @@ impl<'s, 'env> Scope<'s, 'env> {
         input: &'s [T],
         output: &'s mut [T],
     ) -> Result<Handle<'s, [T]>> {
-        let ws = self.comm.world_size();
-        let c = partition_len(output.len(), ws);
-        if input.len() != c {
-            return Err(CommError::invalid(format!(
-                "all_gather into {} elements over {ws} ranks: each rank's input must hold ceil({}/{ws}) = {c} elements, got {}",
-                output.len(),
-                output.len(),
-                input.len()
-            )));
-        }
+        check_gather(input.len(), output.len(), self.comm.world_size())?;
         if !self.threaded() {
             output.copy_from_slice(input);
             return Ok(self.start(output, None));

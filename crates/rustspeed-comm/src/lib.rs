@@ -22,7 +22,7 @@ pub mod partition;
 pub mod shm;
 pub mod store;
 
-pub use communicator::{CommConfig, Communicator, Handle, Scope, DEFAULT_TIMEOUT};
+pub use communicator::{CommConfig, Communicator, Handle, Pending, Scope, DEFAULT_TIMEOUT};
 pub use elem::{DType, Elem, ReduceOp};
 pub use env::RankInfo;
 pub use error::{CommError, ErrorKind, Result};

@@ -424,3 +424,37 @@ fn communicator_can_be_shared_between_threads() {
         s.spawn(|| c.all_reduce(&mut [1f32], ReduceOp::Sum).unwrap());
     });
 }
+
+#[test]
+fn unscoped_pending_reduce_scatter_over_one_flat_buffer() {
+    // The engine's shape: layer ranges of one flat gradient buffer; layer 1's range is reduced
+    // while "backward" keeps writing layer 0's range through a raw view of the same buffer.
+    run(2, small(4096), |comm| {
+        let (ws, me) = (2, comm.rank());
+        let (l0, l1) = (3000usize, 5000usize);
+        let mut grads: Vec<f32> = data::<f32>(me, l0 + l1, 7);
+        let mut part1 = vec![0f32; partition_len(l1, ws)];
+        let base = grads.as_mut_ptr();
+        // SAFETY: the two views are disjoint; layer 1's view is not touched until wait().
+        let (g0, g1) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(base, l0),
+                std::slice::from_raw_parts_mut(base.add(l0), l1),
+            )
+        };
+        let pending = unsafe { comm.start_reduce_scatter(g1, &mut part1, ReduceOp::Sum) }.unwrap();
+        g0.iter_mut().for_each(|g| *g *= 2.0); // backward of layer 0
+        pending.wait().unwrap();
+        let inputs: Vec<Vec<f32>> = (0..ws)
+            .map(|r| data::<f32>(r, l0 + l1, 7)[l0..].to_vec())
+            .collect();
+        let want = reduce_reference(&inputs, ReduceOp::Sum);
+        let c = part1.len();
+        assert_eq!(part1, want[me * c..(me * c + c).min(l1)]);
+        assert_eq!(grads[0], data::<f32>(me, 1, 7)[0] * 2.0);
+        // A dropped Pending still completes before the buffers can go away.
+        let mut x = [me as f32 + 1.0; 3];
+        drop(unsafe { comm.start_all_reduce(&mut x, ReduceOp::Sum) }.unwrap());
+        assert_eq!(x, [3.0; 3]);
+    });
+}
