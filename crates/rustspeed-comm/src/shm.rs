@@ -762,14 +762,25 @@ impl ShmGroup {
 
     /// Publishes the next round and waits for every peer to publish it too.
     fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
+        self.publish();
+        self.wait_peers(ctx)
+    }
+
+    /// Publishes the next round: my half for it is written.
+    fn publish(&mut self) {
         let reg = &*self.region;
         self.round = self.round.wrapping_add(1);
-        let target = self.round;
         let me = reg.ctl(reg.rank);
-        me.round.store(target, SeqCst);
+        me.round.store(self.round, SeqCst);
         if me.sleepers.load(SeqCst) > 0 {
             futex::wake_all(me.round);
         }
+    }
+
+    /// Waits until every peer has published the round I published last.
+    fn wait_peers(&self, ctx: &OpCtx) -> Result<()> {
+        let reg = &*self.region;
+        let target = self.round;
         let arrived = |v: u32| v.wrapping_sub(target) as i32 >= 0;
         let deadline = ctx.start + reg.timeout;
         for p in (0..reg.world).filter(|&p| p != reg.rank) {
@@ -920,19 +931,19 @@ impl ShmGroup {
                     len,
                 )
             };
-            self.sync(&ctx)?;
+            self.publish();
+            // My own piece needs no peer: copy it while they catch up.
+            let (lo, hi) = ((me * c + off).min(n), (me * c + off + len).min(n));
+            output[lo..hi].copy_from_slice(&input[off..off + (hi - lo)]);
+            self.wait_peers(&ctx)?;
             if first {
                 self.check_match(&ctx)?;
                 first = false;
             }
-            for p in 0..ws {
+            for p in (0..ws).filter(|&p| p != me) {
                 let lo = (p * c + off).min(n);
                 let hi = (p * c + off + len).min(n);
-                let src: *const T = if p == me {
-                    input[off..].as_ptr()
-                } else {
-                    self.region.slot(p, half) as *const T
-                };
+                let src = self.region.slot(p, half) as *const T;
                 // SAFETY: hi - lo <= len elements are readable at src.
                 unsafe { std::ptr::copy_nonoverlapping(src, output[lo..hi].as_mut_ptr(), hi - lo) };
             }
@@ -1000,9 +1011,19 @@ impl ShmGroup {
                 };
                 reduce_into(&srcs, out, op, ws);
             }
-            // Round 2: everybody copies every reduced piece out.
-            self.sync(&ctx)?;
-            for p in 0..ws {
+            // Round 2: everybody copies every reduced piece out, mine while the others finish.
+            self.publish();
+            let (mlo, mhi) = piece(me);
+            // SAFETY: my half out_half holds my reduced piece.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.region.slot(me, out_half) as *const T,
+                    buf[mlo..].as_mut_ptr(),
+                    mhi - mlo,
+                )
+            };
+            self.wait_peers(&ctx)?;
+            for p in (0..ws).filter(|&p| p != me) {
                 let (lo, hi) = piece(p);
                 // SAFETY: p's half out_half holds its reduced piece (hi - lo elements).
                 unsafe {
