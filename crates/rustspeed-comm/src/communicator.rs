@@ -29,6 +29,9 @@ pub struct CommConfig {
     pub shm_half_bytes: usize,
     /// Bytes of one point-to-point ring (power of two).
     pub shm_p2p_bytes: usize,
+    /// Let ranks read each other's buffers directly (process_vm_readv) when the system
+    /// allows it: one copy instead of two. RUSTSPEED_SHM_SINGLE_COPY=0 turns it off.
+    pub shm_single_copy: bool,
 }
 
 impl Default for CommConfig {
@@ -37,6 +40,7 @@ impl Default for CommConfig {
             timeout: DEFAULT_TIMEOUT,
             shm_half_bytes: shm::DEFAULT_HALF_BYTES,
             shm_p2p_bytes: shm::DEFAULT_P2P_BYTES,
+            shm_single_copy: true,
         }
     }
 }
@@ -60,6 +64,16 @@ impl CommConfig {
                 )));
             }
             cfg.shm_half_bytes = b.next_multiple_of(4096);
+        }
+        match std::env::var("RUSTSPEED_SHM_SINGLE_COPY").as_deref() {
+            Err(_) => {}
+            Ok("0") => cfg.shm_single_copy = false,
+            Ok("1") => cfg.shm_single_copy = true,
+            Ok(v) => {
+                return Err(CommError::setup(format!(
+                    "RUSTSPEED_SHM_SINGLE_COPY={v:?}: expected 0 or 1"
+                )))
+            }
         }
         Ok(cfg)
     }
@@ -193,7 +207,27 @@ fn spawn_worker(
             for (job, done) in rx {
                 let r = match &broken {
                     Some(e) => Err(e.clone()),
-                    None => job(&mut worker),
+                    // A panic here must not leave the caller waiting forever on `done`: it
+                    // becomes this rank's error and aborts the group for the others.
+                    None => {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut worker)))
+                            .unwrap_or_else(|p| {
+                                let what = p
+                                    .downcast_ref::<String>()
+                                    .map(String::as_str)
+                                    .or_else(|| p.downcast_ref::<&str>().copied())
+                                    .unwrap_or("unknown panic");
+                                let msg = format!(
+                                    "rustspeed-comm: the communication thread panicked: {what}"
+                                );
+                                match &worker {
+                                    Worker::Shm(g) => g.region.abort(&msg),
+                                    #[cfg(feature = "mpi")]
+                                    Worker::Mpi(_) => {}
+                                }
+                                Err(CommError::new(ErrorKind::Aborted, msg))
+                            })
+                    }
                 };
                 if let Err(e) = &r {
                     if e.kind != ErrorKind::InvalidArgument {
@@ -230,6 +264,7 @@ fn worker0(w: &Worker) -> Worker0 {
 /// A group of ranks and the collectives between them.
 pub struct Communicator {
     info: RankInfo,
+    single_copy: bool,
     timeout: Duration,
     backend: Backend,
     store: Option<Store>,
@@ -240,6 +275,7 @@ impl Communicator {
     pub fn single() -> Communicator {
         Communicator {
             info: RankInfo::single(),
+            single_copy: false,
             timeout: DEFAULT_TIMEOUT,
             backend: Backend::Single,
             store: None,
@@ -302,6 +338,8 @@ impl Communicator {
         let generation = store.add(&format!("rustspeed/generation/{rank}"), 1)?;
         let key = |k: &str| format!("rustspeed/comm{generation}/{k}");
         let host = hostname();
+        // Peers read this word to find out whether they may read our memory (single copy).
+        let probe = Box::new(rank as u64 + 1);
         let region = if rank == 0 {
             let path = shm::shm_dir().join(format!(
                 "rustspeed-comm-{}-{:x}-{generation}",
@@ -314,6 +352,7 @@ impl Communicator {
                 p2p_bytes: cfg.shm_p2p_bytes.next_power_of_two(),
             };
             let region = Region::create(&path, layout, cfg.timeout)?;
+            region.publish_probe(&probe);
             store.set(&key("host"), host.as_bytes())?;
             store.set(&key("path"), path.to_string_lossy().as_bytes())?;
             let joined = store.add(&key("joined"), 1);
@@ -340,6 +379,7 @@ impl Communicator {
             let path =
                 PathBuf::from(String::from_utf8_lossy(&store.get(&key("path"))?).into_owned());
             let region = Region::open(&path, rank, world, cfg.timeout)?;
+            region.publish_probe(&probe);
             store.add(&key("joined"), 1)?;
             store.wait_ge(
                 &key("joined"),
@@ -348,11 +388,31 @@ impl Communicator {
             )?;
             region
         };
+        // Single copy only if every rank may read every other rank (all agree, or none uses it).
+        let single_copy = if cfg.shm_single_copy {
+            if !crate::shm_cma::probe_peers(&region) {
+                store.add(&key("single_copy_denied"), 1)?;
+            }
+            store.add(&key("single_copy_checked"), 1)?;
+            store.wait_ge(
+                &key("single_copy_checked"),
+                world as i64,
+                "ranks checking single-copy access",
+            )?;
+            store.add(&key("single_copy_denied"), 0)? == 0
+        } else {
+            false
+        };
+        drop(probe);
+        tracing::debug!(rank, world, single_copy, "shm backend ready");
         let region = Arc::new(region);
         let r2 = region.clone();
-        let (tx, worker, _) = spawn_worker(rank, move || Ok(Worker::Shm(ShmGroup::new(r2))))?;
+        let (tx, worker, _) = spawn_worker(rank, move || {
+            Ok(Worker::Shm(ShmGroup::new(r2, single_copy)))
+        })?;
         Ok(Communicator {
             info,
+            single_copy,
             timeout: cfg.timeout,
             backend: Backend::Threaded(Shared {
                 region: Some(region),
@@ -378,6 +438,7 @@ impl Communicator {
                 world_size: size,
                 ..info
             },
+            single_copy: false,
             timeout,
             backend: Backend::Threaded(Shared {
                 region: None,
@@ -441,6 +502,12 @@ impl Communicator {
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
     }
+    /// Whether the shm backend reads peers' buffers directly (one copy) rather than through
+    /// the shared halves (two copies); see `CommConfig::shm_single_copy`.
+    pub fn single_copy(&self) -> bool {
+        self.single_copy
+    }
+
     /// Name of the backend in use.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {

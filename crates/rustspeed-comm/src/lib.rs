@@ -20,6 +20,7 @@ pub mod mpi_backend;
 pub mod nccl;
 pub mod partition;
 pub mod shm;
+mod shm_cma;
 pub mod store;
 
 pub use communicator::{CommConfig, Communicator, Handle, Pending, Scope, DEFAULT_TIMEOUT};

@@ -325,6 +325,15 @@ impl Region {
         }
     }
 
+    /// Where `rank` publishes the address of the buffer peers read in single-copy mode.
+    pub(crate) fn cma_addr(&self, rank: usize) -> &AtomicU64 {
+        self.u64_at(RANK_CTL_OFF + rank * RANK_CTL_BYTES + 32)
+    }
+
+    pub(crate) fn pid_of(&self, rank: usize) -> u32 {
+        self.ctl(rank).pid.load(SeqCst)
+    }
+
     fn info(&self, rank: usize, seq: u64) -> OpInfo<'_> {
         let o = RANK_CTL_OFF + rank * RANK_CTL_BYTES + 64 + (seq % 2) as usize * 32;
         OpInfo {
@@ -448,7 +457,12 @@ impl Region {
     }
 
     /// Fails the group with a watchdog message naming the operation and the missing ranks.
-    fn fail_wait(&self, what: &str, missing: &[usize], cause: Option<String>) -> CommError {
+    pub(crate) fn fail_wait(
+        &self,
+        what: &str,
+        missing: &[usize],
+        cause: Option<String>,
+    ) -> CommError {
         if let Some(e) = self.aborted() {
             return e;
         }
@@ -722,20 +736,59 @@ pub struct ShmGroup {
     pub region: std::sync::Arc<Region>,
     round: u32,
     seq: u64,
-    scratch: Vec<u8>,
+    pub(crate) scratch: Vec<u8>,
+    /// Single-copy mode: peers read each other's buffers with process_vm_readv (see
+    /// `shm_cma`), when every rank may read every other's memory.
+    pub(crate) cma: bool,
 }
 
 impl ShmGroup {
-    pub fn new(region: std::sync::Arc<Region>) -> ShmGroup {
+    pub fn new(region: std::sync::Arc<Region>, cma: bool) -> ShmGroup {
         ShmGroup {
             region,
             round: 0,
             seq: 0,
             scratch: Vec::new(),
+            cma,
         }
     }
 
-    fn begin(&mut self, name: String, code: u32, dtype: DType, count: usize) -> Result<OpCtx> {
+    pub fn reduce_scatter<T: Elem>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if self.cma {
+            self.reduce_scatter_cma(input, output, op)
+        } else {
+            self.reduce_scatter_staged(input, output, op)
+        }
+    }
+
+    pub fn all_gather<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        if self.cma {
+            self.all_gather_cma(input, output)
+        } else {
+            self.all_gather_staged(input, output)
+        }
+    }
+
+    pub fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        if self.cma {
+            self.all_reduce_cma(buf, op)
+        } else {
+            self.all_reduce_staged(buf, op)
+        }
+    }
+
+    pub(crate) fn begin(
+        &mut self,
+        name: String,
+        code: u32,
+        dtype: DType,
+        count: usize,
+    ) -> Result<OpCtx> {
         if let Some(e) = self.region.aborted() {
             return Err(e);
         }
@@ -761,13 +814,13 @@ impl ShmGroup {
     }
 
     /// Publishes the next round and waits for every peer to publish it too.
-    fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
+    pub(crate) fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
         self.publish();
         self.wait_peers(ctx)
     }
 
     /// Publishes the next round: my half for it is written.
-    fn publish(&mut self) {
+    pub(crate) fn publish(&mut self) {
         let reg = &*self.region;
         self.round = self.round.wrapping_add(1);
         let me = reg.ctl(reg.rank);
@@ -778,7 +831,7 @@ impl ShmGroup {
     }
 
     /// Waits until every peer has published the round I published last.
-    fn wait_peers(&self, ctx: &OpCtx) -> Result<()> {
+    pub(crate) fn wait_peers(&self, ctx: &OpCtx) -> Result<()> {
         let reg = &*self.region;
         let target = self.round;
         let arrived = |v: u32| v.wrapping_sub(target) as i32 >= 0;
@@ -803,7 +856,7 @@ impl ShmGroup {
     }
 
     /// After the first round of a collective: every peer must be in the same one.
-    fn check_match(&self, ctx: &OpCtx) -> Result<()> {
+    pub(crate) fn check_match(&self, ctx: &OpCtx) -> Result<()> {
         let reg = &*self.region;
         for p in (0..reg.world).filter(|&p| p != reg.rank) {
             let info = reg.info(p, ctx.seq);
@@ -837,7 +890,7 @@ impl ShmGroup {
     }
 
     /// `output` (len c) = rank's piece of op(inputs) (len n, ceil(n/world) == c).
-    pub fn reduce_scatter<T: Elem>(
+    fn reduce_scatter_staged<T: Elem>(
         &mut self,
         input: &[T],
         output: &mut [T],
@@ -904,7 +957,7 @@ impl ShmGroup {
 
     /// `output` (len n) = concatenation of every rank's `input` (len c = ceil(n/world)),
     /// the padding past n dropped.
-    pub fn all_gather<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+    fn all_gather_staged<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let ctx = self.begin(
             "all_gather".into(),
             opcode::ALL_GATHER,
@@ -953,7 +1006,7 @@ impl ShmGroup {
     }
 
     /// In place: `buf` = op over ranks of `buf`.
-    pub fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    fn all_reduce_staged<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let ctx = self.begin(
             format!("all_reduce({})", op.name()),
             opcode::ALL_REDUCE | op.code() << 8,

@@ -27,6 +27,15 @@ fn small(half_bytes: usize) -> CommConfig {
     }
 }
 
+/// The same with the two-copy path (no process_vm_readv), which machines that forbid
+/// cross-process reads fall back to.
+fn two_copy(half_bytes: usize) -> CommConfig {
+    CommConfig {
+        shm_single_copy: false,
+        ..small(half_bytes)
+    }
+}
+
 /// Deterministic, rank-dependent values with fractional parts (so summation order matters
 /// in 16-bit types and the test would see a different order).
 fn data<T: Elem>(rank: usize, n: usize, salt: usize) -> Vec<T> {
@@ -46,7 +55,16 @@ fn check_all<T: Elem + PartialEq + std::fmt::Debug>(
     half_bytes: usize,
     sizes: &[usize],
 ) {
-    run(world, small(half_bytes), |comm| {
+    check_all_cfg::<T>(world, small(half_bytes), sizes);
+    check_all_cfg::<T>(world, two_copy(half_bytes), sizes);
+}
+
+fn check_all_cfg<T: Elem + PartialEq + std::fmt::Debug>(
+    world: usize,
+    cfg: CommConfig,
+    sizes: &[usize],
+) {
+    run(world, cfg, |comm| {
         let (ws, me) = (comm.world_size(), comm.rank());
         for (salt, &n) in sizes.iter().enumerate() {
             let inputs: Vec<Vec<T>> = (0..ws).map(|r| data::<T>(r, n, salt)).collect();
