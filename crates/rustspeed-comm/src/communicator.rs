@@ -30,7 +30,9 @@ pub struct CommConfig {
     /// Bytes of one point-to-point ring (power of two).
     pub shm_p2p_bytes: usize,
     /// Let ranks read each other's buffers directly (process_vm_readv) when the system
-    /// allows it: one copy instead of two. RUSTSPEED_SHM_SINGLE_COPY=0 turns it off.
+    /// allows it: one copy instead of two, but each call pins the peer's pages, and on the
+    /// machine in docs/BENCHMARKS.md that made it about 2x slower than two plain copies, so
+    /// it is off by default. RUSTSPEED_SHM_SINGLE_COPY=1 turns it on.
     pub shm_single_copy: bool,
 }
 
@@ -40,7 +42,7 @@ impl Default for CommConfig {
             timeout: DEFAULT_TIMEOUT,
             shm_half_bytes: shm::DEFAULT_HALF_BYTES,
             shm_p2p_bytes: shm::DEFAULT_P2P_BYTES,
-            shm_single_copy: true,
+            shm_single_copy: false,
         }
     }
 }

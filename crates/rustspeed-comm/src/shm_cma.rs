@@ -3,6 +3,9 @@
 //! messages) instead of both sides copying through the shared halves. Per rank, a
 //! reduce_scatter then moves 1.5·S bytes through memory instead of 2.5·S, an all_gather 2·S
 //! instead of 3·S. The shared region still carries the flags, addresses and checks.
+//! Off by default: measured on the 2-vCPU VM of docs/BENCHMARKS.md it was ~2x slower than
+//! the two-copy path (the kernel pins the peer's pages on every call); RUSTSPEED_SHM_SINGLE_COPY=1
+//! turns it on where the kernel makes it pay.
 //!
 //! Protocol per collective: publish the address of the buffer peers read, round 1 (all
 //! published, same collective checked), read what is needed, round 2 (all done reading, so
