@@ -87,8 +87,15 @@ fn run_rank<T: Elem>(comm: &Communicator, o: &Opts) {
     let esize = size_of::<T>();
     if me == 0 {
         println!(
-            "# {} ranks, {}, median of {} iterations; busbw per nccl-tests",
-            ws, o.dtype, o.iters
+            "# {} ranks, {}, median of {} iterations; busbw per nccl-tests; {}",
+            ws,
+            o.dtype,
+            o.iters,
+            if comm.single_copy() {
+                "single copy (process_vm_readv)"
+            } else {
+                "two copies through shared memory"
+            }
         );
         println!("| op | size | time | algbw GB/s | busbw GB/s |");
         println!("|---|---|---|---|---|");

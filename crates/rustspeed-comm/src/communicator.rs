@@ -29,6 +29,11 @@ pub struct CommConfig {
     pub shm_half_bytes: usize,
     /// Bytes of one point-to-point ring (power of two).
     pub shm_p2p_bytes: usize,
+    /// Let ranks read each other's buffers directly (process_vm_readv) when the system
+    /// allows it: one copy instead of two, but each call pins the peer's pages, and on the
+    /// machine in docs/BENCHMARKS.md that made it about 2x slower than two plain copies, so
+    /// it is off by default. RUSTSPEED_SHM_SINGLE_COPY=1 turns it on.
+    pub shm_single_copy: bool,
 }
 
 impl Default for CommConfig {
@@ -37,6 +42,7 @@ impl Default for CommConfig {
             timeout: DEFAULT_TIMEOUT,
             shm_half_bytes: shm::DEFAULT_HALF_BYTES,
             shm_p2p_bytes: shm::DEFAULT_P2P_BYTES,
+            shm_single_copy: false,
         }
     }
 }
@@ -60,6 +66,16 @@ impl CommConfig {
                 )));
             }
             cfg.shm_half_bytes = b.next_multiple_of(4096);
+        }
+        match std::env::var("RUSTSPEED_SHM_SINGLE_COPY").as_deref() {
+            Err(_) => {}
+            Ok("0") => cfg.shm_single_copy = false,
+            Ok("1") => cfg.shm_single_copy = true,
+            Ok(v) => {
+                return Err(CommError::setup(format!(
+                    "RUSTSPEED_SHM_SINGLE_COPY={v:?}: expected 0 or 1"
+                )))
+            }
         }
         Ok(cfg)
     }
@@ -94,7 +110,42 @@ impl Done {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut ShmGroup) -> Result<()> + Send>;
+/// The collective state a communication thread owns: one per backend.
+pub(crate) enum Worker {
+    Shm(ShmGroup),
+    #[cfg(feature = "mpi")]
+    Mpi(crate::mpi_backend::MpiGroup),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $g:ident => $call:expr) => {
+        match $self {
+            Worker::Shm($g) => $call,
+            #[cfg(feature = "mpi")]
+            Worker::Mpi($g) => $call,
+        }
+    };
+}
+
+impl Worker {
+    fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        dispatch!(self, g => g.all_reduce(buf, op))
+    }
+    fn reduce_scatter<T: Elem>(&mut self, i: &[T], o: &mut [T], op: ReduceOp) -> Result<()> {
+        dispatch!(self, g => g.reduce_scatter(i, o, op))
+    }
+    fn all_gather<T: Elem>(&mut self, i: &[T], o: &mut [T]) -> Result<()> {
+        dispatch!(self, g => g.all_gather(i, o))
+    }
+    fn broadcast<T: Elem>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        dispatch!(self, g => g.broadcast(buf, root))
+    }
+    fn barrier(&mut self) -> Result<()> {
+        dispatch!(self, g => g.barrier())
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) -> Result<()> + Send>;
 type JobSender = mpsc::Sender<(Job, Arc<Done>)>;
 
 /// Raw slice pointers moved to the communication thread. Whoever makes one guarantees the
@@ -119,7 +170,10 @@ impl<T> Ptr<T> {
 }
 
 struct Shared {
-    region: Arc<Region>,
+    /// The shared-memory region (send/recv use it directly); None for MPI, where every call
+    /// goes through the communication thread.
+    region: Option<Arc<Region>>,
+    name: &'static str,
     tx: Mutex<Option<JobSender>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -127,12 +181,92 @@ struct Shared {
 enum Backend {
     /// World size 1: every collective is a copy (or nothing), no thread, no shared memory.
     Single,
-    Shm(Shared),
+    Threaded(Shared),
+}
+
+/// Starts the communication thread; `make` builds its state on that thread (MPI must be
+/// initialised by the thread that calls it). Returns once `make` succeeded or failed.
+fn spawn_worker(
+    rank_hint: usize,
+    make: impl FnOnce() -> Result<Worker> + Send + 'static,
+) -> Result<(JobSender, JoinHandle<()>, Worker0)> {
+    let (tx, rx) = mpsc::channel::<(Job, Arc<Done>)>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Worker0>>();
+    let handle = std::thread::Builder::new()
+        .name(format!("rustspeed-comm-{rank_hint}"))
+        .spawn(move || {
+            let mut worker = match make() {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(worker0(&worker)));
+            // After one failure every later job gets the same error: the protocol state
+            // is unknown, and continuing could hang or exchange wrong data.
+            let mut broken: Option<CommError> = None;
+            for (job, done) in rx {
+                let r = match &broken {
+                    Some(e) => Err(e.clone()),
+                    // A panic here must not leave the caller waiting forever on `done`: it
+                    // becomes this rank's error and aborts the group for the others.
+                    None => {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut worker)))
+                            .unwrap_or_else(|p| {
+                                let what = p
+                                    .downcast_ref::<String>()
+                                    .map(String::as_str)
+                                    .or_else(|| p.downcast_ref::<&str>().copied())
+                                    .unwrap_or("unknown panic");
+                                let msg = format!(
+                                    "rustspeed-comm: the communication thread panicked: {what}"
+                                );
+                                match &worker {
+                                    Worker::Shm(g) => g.region.abort(&msg),
+                                    #[cfg(feature = "mpi")]
+                                    Worker::Mpi(_) => {}
+                                }
+                                Err(CommError::new(ErrorKind::Aborted, msg))
+                            })
+                    }
+                };
+                if let Err(e) = &r {
+                    if e.kind != ErrorKind::InvalidArgument {
+                        broken.get_or_insert_with(|| e.clone());
+                    }
+                }
+                done.set(r);
+            }
+        })
+        .map_err(|e| CommError::setup(format!("cannot spawn the communication thread: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(w0)) => Ok((tx, handle, w0)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => Err(CommError::setup(
+            "the communication thread died during setup",
+        )),
+    }
+}
+
+/// What the caller learns from a freshly built worker: (rank, world size).
+type Worker0 = (usize, usize);
+
+fn worker0(w: &Worker) -> Worker0 {
+    match w {
+        Worker::Shm(g) => (g.region.rank, g.region.world),
+        #[cfg(feature = "mpi")]
+        Worker::Mpi(g) => (g.rank, g.size),
+    }
 }
 
 /// A group of ranks and the collectives between them.
 pub struct Communicator {
     info: RankInfo,
+    single_copy: bool,
     timeout: Duration,
     backend: Backend,
     store: Option<Store>,
@@ -143,6 +277,7 @@ impl Communicator {
     pub fn single() -> Communicator {
         Communicator {
             info: RankInfo::single(),
+            single_copy: false,
             timeout: DEFAULT_TIMEOUT,
             backend: Backend::Single,
             store: None,
@@ -161,17 +296,19 @@ impl Communicator {
             c.timeout = cfg.timeout;
             return Ok(c);
         }
+        let one_node = info.local_world_size == info.world_size;
         match std::env::var("RUSTSPEED_COMM_BACKEND").as_deref() {
-            Ok("shm") | Err(_) => {}
-            Ok("mpi") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=mpi (the mpi cargo feature is not built yet); unset it to use the shm backend on one machine")),
-            Ok("nccl") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=nccl (needs the cuda feature and a GPU); unset it to use the shm backend")),
+            Ok("shm") => {}
+            Err(_) if one_node => {}
+            Ok("mpi") | Err(_) => return Self::mpi(info, cfg),
+            Ok("nccl") => return Err(CommError::not_supported("RUSTSPEED_COMM_BACKEND=nccl for host buffers (NCCL works on device buffers: rustspeed_comm::nccl with the cuda feature); unset it to use the shm backend")),
             Ok(other) => {
                 return Err(CommError::setup(format!(
                     "RUSTSPEED_COMM_BACKEND={other}: expected shm, mpi or nccl"
                 )))
             }
         }
-        if info.local_world_size != info.world_size {
+        if !one_node {
             return Err(CommError::not_supported(format!(
                 "the shm backend across machines (WORLD_SIZE={}, LOCAL_WORLD_SIZE={}); shm needs every rank on one machine, \
                  multi-node runs need the mpi backend",
@@ -203,6 +340,8 @@ impl Communicator {
         let generation = store.add(&format!("rustspeed/generation/{rank}"), 1)?;
         let key = |k: &str| format!("rustspeed/comm{generation}/{k}");
         let host = hostname();
+        // Peers read this word to find out whether they may read our memory (single copy).
+        let probe = Box::new(rank as u64 + 1);
         let region = if rank == 0 {
             let path = shm::shm_dir().join(format!(
                 "rustspeed-comm-{}-{:x}-{generation}",
@@ -215,6 +354,7 @@ impl Communicator {
                 p2p_bytes: cfg.shm_p2p_bytes.next_power_of_two(),
             };
             let region = Region::create(&path, layout, cfg.timeout)?;
+            region.publish_probe(&probe);
             store.set(&key("host"), host.as_bytes())?;
             store.set(&key("path"), path.to_string_lossy().as_bytes())?;
             let joined = store.add(&key("joined"), 1);
@@ -241,6 +381,7 @@ impl Communicator {
             let path =
                 PathBuf::from(String::from_utf8_lossy(&store.get(&key("path"))?).into_owned());
             let region = Region::open(&path, rank, world, cfg.timeout)?;
+            region.publish_probe(&probe);
             store.add(&key("joined"), 1)?;
             store.wait_ge(
                 &key("joined"),
@@ -249,39 +390,75 @@ impl Communicator {
             )?;
             region
         };
+        // Single copy only if every rank may read every other rank (all agree, or none uses it).
+        let single_copy = if cfg.shm_single_copy {
+            if !crate::shm_cma::probe_peers(&region) {
+                store.add(&key("single_copy_denied"), 1)?;
+            }
+            store.add(&key("single_copy_checked"), 1)?;
+            store.wait_ge(
+                &key("single_copy_checked"),
+                world as i64,
+                "ranks checking single-copy access",
+            )?;
+            store.add(&key("single_copy_denied"), 0)? == 0
+        } else {
+            false
+        };
+        drop(probe);
+        tracing::debug!(rank, world, single_copy, "shm backend ready");
         let region = Arc::new(region);
-        let (tx, rx) = mpsc::channel::<(Job, Arc<Done>)>();
-        let mut group = ShmGroup::new(region.clone());
-        let worker = std::thread::Builder::new()
-            .name(format!("rustspeed-comm-{rank}"))
-            .spawn(move || {
-                // After one failure every later job gets the same error: the protocol state
-                // is unknown, and continuing could hang or exchange wrong data.
-                let mut broken: Option<CommError> = None;
-                for (job, done) in rx {
-                    let r = match &broken {
-                        Some(e) => Err(e.clone()),
-                        None => job(&mut group),
-                    };
-                    if let Err(e) = &r {
-                        if e.kind != ErrorKind::InvalidArgument {
-                            broken.get_or_insert_with(|| e.clone());
-                        }
-                    }
-                    done.set(r);
-                }
-            })
-            .map_err(|e| CommError::setup(format!("cannot spawn the communication thread: {e}")))?;
+        let r2 = region.clone();
+        let (tx, worker, _) = spawn_worker(rank, move || {
+            Ok(Worker::Shm(ShmGroup::new(r2, single_copy)))
+        })?;
         Ok(Communicator {
             info,
+            single_copy,
             timeout: cfg.timeout,
-            backend: Backend::Shm(Shared {
-                region,
+            backend: Backend::Threaded(Shared {
+                region: Some(region),
+                name: "shm",
                 tx: Mutex::new(Some(tx)),
                 worker: Mutex::new(Some(worker)),
             }),
             store: Some(store),
         })
+    }
+
+    /// The MPI backend (cargo feature `mpi`): rank and size come from MPI (run under mpirun
+    /// or srun); LOCAL_RANK from the launcher's variables.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(info: RankInfo, cfg: CommConfig) -> Result<Communicator> {
+        let timeout = cfg.timeout;
+        let (tx, worker, (rank, size)) = spawn_worker(info.rank, move || {
+            crate::mpi_backend::MpiGroup::init(timeout).map(Worker::Mpi)
+        })?;
+        Ok(Communicator {
+            info: RankInfo {
+                rank,
+                world_size: size,
+                ..info
+            },
+            single_copy: false,
+            timeout,
+            backend: Backend::Threaded(Shared {
+                region: None,
+                name: "mpi",
+                tx: Mutex::new(Some(tx)),
+                worker: Mutex::new(Some(worker)),
+            }),
+            store: None,
+        })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    pub fn mpi(info: RankInfo, _cfg: CommConfig) -> Result<Communicator> {
+        Err(CommError::not_supported(format!(
+            "the mpi backend (needed for WORLD_SIZE={} over several machines, or RUSTSPEED_COMM_BACKEND=mpi): \
+             rebuild with `--features rustspeed-comm/mpi` (needs libopenmpi-dev, openmpi-bin, libclang-dev)",
+            info.world_size
+        )))
     }
 
     /// Threads-as-ranks helper (tests, tools): `world` communicators on one store.
@@ -327,11 +504,17 @@ impl Communicator {
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
     }
+    /// Whether the shm backend reads peers' buffers directly (one copy) rather than through
+    /// the shared halves (two copies); see `CommConfig::shm_single_copy`.
+    pub fn single_copy(&self) -> bool {
+        self.single_copy
+    }
+
     /// Name of the backend in use.
     pub fn backend_name(&self) -> &'static str {
-        match self.backend {
+        match &self.backend {
             Backend::Single => "single",
-            Backend::Shm(_) => "shm",
+            Backend::Threaded(s) => s.name,
         }
     }
 
@@ -339,7 +522,7 @@ impl Communicator {
         let done = Done::new();
         match &self.backend {
             Backend::Single => unreachable!("world size 1 runs inline"),
-            Backend::Shm(s) => {
+            Backend::Threaded(s) => {
                 let tx = s.tx.lock().unwrap();
                 let sent = tx.as_ref().map(|tx| tx.send((job, done.clone())).is_ok());
                 if sent != Some(true) {
@@ -387,7 +570,7 @@ impl Communicator {
     pub fn barrier(&self) -> Result<()> {
         match &self.backend {
             Backend::Single => Ok(()),
-            Backend::Shm(_) => self.submit(Box::new(|g| g.barrier())).wait(),
+            Backend::Threaded(_) => self.submit(Box::new(|g| g.barrier())).wait(),
         }
     }
 
@@ -398,7 +581,21 @@ impl Communicator {
             Backend::Single => Err(CommError::invalid(format!(
                 "send to rank {dst} in a world of one"
             ))),
-            Backend::Shm(s) => s.region.send(buf, dst),
+            Backend::Threaded(Shared {
+                region: Some(r), ..
+            }) => r.send(buf, dst),
+            #[cfg(feature = "mpi")]
+            Backend::Threaded(_) => {
+                let p = Ptr::of(buf);
+                // SAFETY: we wait for the job before `buf`'s borrow ends.
+                self.submit(Box::new(move |w| match w {
+                    Worker::Mpi(g) => g.send(unsafe { p.get() }, dst),
+                    _ => unreachable!("shm sends go through the region"),
+                }))
+                .wait()
+            }
+            #[cfg(not(feature = "mpi"))]
+            Backend::Threaded(_) => unreachable!("without MPI every threaded backend has a region"),
         }
     }
 
@@ -408,7 +605,21 @@ impl Communicator {
             Backend::Single => Err(CommError::invalid(format!(
                 "recv from rank {src} in a world of one"
             ))),
-            Backend::Shm(s) => s.region.recv(buf, src),
+            Backend::Threaded(Shared {
+                region: Some(r), ..
+            }) => r.recv(buf, src),
+            #[cfg(feature = "mpi")]
+            Backend::Threaded(_) => {
+                let p = Ptr::of_mut(buf);
+                // SAFETY: we wait for the job before `buf`'s borrow ends.
+                self.submit(Box::new(move |w| match w {
+                    Worker::Mpi(g) => g.recv(unsafe { p.get_mut() }, src),
+                    _ => unreachable!("shm receives go through the region"),
+                }))
+                .wait()
+            }
+            #[cfg(not(feature = "mpi"))]
+            Backend::Threaded(_) => unreachable!("without MPI every threaded backend has a region"),
         }
     }
 
@@ -450,9 +661,128 @@ impl Communicator {
     }
 }
 
+/// Unscoped non-blocking collectives, for callers whose buffers the borrow checker cannot
+/// lend to a `scope` (the engine writes layer L-1's gradients through a view of the same flat
+/// buffer whose layer-L range is being reduced).
+///
+/// # Safety (every `start_*`)
+/// The buffers must stay allocated, inputs unwritten and outputs untouched until the returned
+/// `Pending` is waited on or dropped (dropping waits). Leaking it (`mem::forget`) while the
+/// buffers are freed or used is undefined behaviour.
+impl Communicator {
+    /// Non-blocking `all_reduce` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `buf` stays valid and untouched until the `Pending` is done.
+    pub unsafe fn start_all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) -> Result<Pending> {
+        if !self.is_threaded() {
+            return Ok(Pending { done: None });
+        }
+        let p = Ptr::of_mut(buf);
+        Ok(self.pending(Box::new(move |g| g.all_reduce(unsafe { p.get_mut() }, op))))
+    }
+
+    /// Non-blocking `reduce_scatter` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `input` unwritten and `output` untouched until the `Pending` is done.
+    pub unsafe fn start_reduce_scatter<T: Elem>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<Pending> {
+        check_scatter(input.len(), output.len(), self.world_size())?;
+        if !self.is_threaded() {
+            output.copy_from_slice(&input[..output.len()]);
+            return Ok(Pending { done: None });
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        Ok(self.pending(Box::new(move |g| {
+            g.reduce_scatter(unsafe { i.get() }, unsafe { o.get_mut() }, op)
+        })))
+    }
+
+    /// Non-blocking `all_gather` without a scope.
+    ///
+    /// # Safety
+    /// See the impl block: `input` unwritten and `output` untouched until the `Pending` is done.
+    pub unsafe fn start_all_gather<T: Elem>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<Pending> {
+        check_gather(input.len(), output.len(), self.world_size())?;
+        if !self.is_threaded() {
+            output.copy_from_slice(input);
+            return Ok(Pending { done: None });
+        }
+        let (i, o) = (Ptr::of(input), Ptr::of_mut(output));
+        Ok(self.pending(Box::new(move |g| {
+            g.all_gather(unsafe { i.get() }, unsafe { o.get_mut() })
+        })))
+    }
+
+    fn is_threaded(&self) -> bool {
+        matches!(self.backend, Backend::Threaded(_))
+    }
+
+    fn pending(&self, job: Job) -> Pending {
+        Pending {
+            done: Some(self.submit(job)),
+        }
+    }
+}
+
+/// A collective started by an unsafe `start_*` call. Dropping it waits for completion.
+#[must_use = "dropping a Pending blocks until the collective is done"]
+pub struct Pending {
+    done: Option<Arc<Done>>,
+}
+
+impl Pending {
+    /// Blocks until the collective finished on this rank.
+    pub fn wait(mut self) -> Result<()> {
+        self.done.take().map_or(Ok(()), |d| d.wait())
+    }
+    /// Whether `wait` would return at once.
+    pub fn is_done(&self) -> bool {
+        self.done.as_ref().is_none_or(|d| d.is_set())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = d.wait();
+        }
+    }
+}
+
+fn check_scatter(n: usize, out: usize, ws: usize) -> Result<()> {
+    let c = partition_len(n, ws);
+    if out != c {
+        return Err(CommError::invalid(format!(
+            "reduce_scatter of {n} elements over {ws} ranks: output holds {out} elements, expected ceil({n}/{ws}) = {c} \
+             (see rustspeed_comm::partition_len)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_gather(input: usize, n: usize, ws: usize) -> Result<()> {
+    let c = partition_len(n, ws);
+    if input != c {
+        return Err(CommError::invalid(format!(
+            "all_gather into {n} elements over {ws} ranks: each rank's input must hold ceil({n}/{ws}) = {c} elements, got {input}"
+        )));
+    }
+    Ok(())
+}
+
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if let Backend::Shm(s) = &self.backend {
+        if let Backend::Threaded(s) = &self.backend {
             s.tx.lock().unwrap().take(); // ends the worker's loop once queued jobs ran
             if let Some(w) = s.worker.lock().unwrap().take() {
                 let _ = w.join();
@@ -499,8 +829,8 @@ impl<'s, 'env> Scope<'s, 'env> {
         Handle { done, out }
     }
 
-    fn shm(&self) -> bool {
-        matches!(self.comm.backend, Backend::Shm(_))
+    fn threaded(&self) -> bool {
+        matches!(self.comm.backend, Backend::Threaded(_))
     }
 
     /// Non-blocking `Communicator::all_reduce`.
@@ -509,7 +839,7 @@ impl<'s, 'env> Scope<'s, 'env> {
         buf: &'s mut [T],
         op: ReduceOp,
     ) -> Result<Handle<'s, [T]>> {
-        if !self.shm() {
+        if !self.threaded() {
             return Ok(self.start(buf, None));
         }
         let p = Ptr::of_mut(buf);
@@ -525,18 +855,9 @@ impl<'s, 'env> Scope<'s, 'env> {
         output: &'s mut [T],
         op: ReduceOp,
     ) -> Result<Handle<'s, [T]>> {
-        let ws = self.comm.world_size();
-        let c = partition_len(input.len(), ws);
-        if output.len() != c {
-            return Err(CommError::invalid(format!(
-                "reduce_scatter of {} elements over {ws} ranks: output holds {} elements, expected ceil({}/{ws}) = {c} \
-                 (see rustspeed_comm::partition_len)",
-                input.len(),
-                output.len(),
-                input.len()
-            )));
-        }
-        if !self.shm() {
+        check_scatter(input.len(), output.len(), self.comm.world_size())?;
+        let c = output.len();
+        if !self.threaded() {
             output.copy_from_slice(&input[..c]);
             return Ok(self.start(output, None));
         }
@@ -553,17 +874,8 @@ impl<'s, 'env> Scope<'s, 'env> {
         input: &'s [T],
         output: &'s mut [T],
     ) -> Result<Handle<'s, [T]>> {
-        let ws = self.comm.world_size();
-        let c = partition_len(output.len(), ws);
-        if input.len() != c {
-            return Err(CommError::invalid(format!(
-                "all_gather into {} elements over {ws} ranks: each rank's input must hold ceil({}/{ws}) = {c} elements, got {}",
-                output.len(),
-                output.len(),
-                input.len()
-            )));
-        }
-        if !self.shm() {
+        check_gather(input.len(), output.len(), self.comm.world_size())?;
+        if !self.threaded() {
             output.copy_from_slice(input);
             return Ok(self.start(output, None));
         }
@@ -581,7 +893,7 @@ impl<'s, 'env> Scope<'s, 'env> {
                 "broadcast from root {root}: ranks are 0..{ws}"
             )));
         }
-        if !self.shm() {
+        if !self.threaded() {
             return Ok(self.start(buf, None));
         }
         let p = Ptr::of_mut(buf);

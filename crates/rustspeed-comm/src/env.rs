@@ -30,6 +30,12 @@ impl RankInfo {
     /// OpenMPI (OMPI_COMM_WORLD_*), then PMI (MPICH, Intel MPI: PMI_RANK, PMI_SIZE), then
     /// Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Nothing set: a world of one.
     pub fn from_env() -> Result<RankInfo> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// `from_env` over any variable lookup (tests, or an environment captured elsewhere).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<RankInfo> {
+        let var_usize = |name: &str| parse_usize(name, get(name));
         const SOURCES: [(&str, &str, &str, &str); 4] = [
             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
             (
@@ -105,9 +111,13 @@ pub fn master() -> Result<(String, u16)> {
 }
 
 pub(crate) fn var_usize(name: &str) -> Result<Option<usize>> {
-    match std::env::var(name) {
-        Err(_) => Ok(None),
-        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+    parse_usize(name, std::env::var(name).ok())
+}
+
+fn parse_usize(name: &str, value: Option<String>) -> Result<Option<usize>> {
+    match value {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| {
             CommError::setup(format!("{name}={v:?}: expected a non-negative integer"))
         }),
     }
@@ -121,5 +131,87 @@ pub(crate) fn var_f64(name: &str) -> Result<Option<f64>> {
             .parse()
             .map(Some)
             .map_err(|_| CommError::setup(format!("{name}={v:?}: expected a number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(vars: &[(&str, &str)]) -> Result<RankInfo> {
+        RankInfo::from_vars(|n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn launcher_variables() {
+        assert_eq!(info(&[]).unwrap(), RankInfo::single());
+        let torchrun = info(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ]);
+        assert_eq!(
+            torchrun.unwrap(),
+            RankInfo {
+                rank: 3,
+                world_size: 8,
+                local_rank: 1,
+                local_world_size: 2
+            }
+        );
+        // DeepSpeed's launch.py sets LOCAL_SIZE, not LOCAL_WORLD_SIZE.
+        let ds = info(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_SIZE", "4"),
+        ]);
+        assert_eq!(ds.unwrap().local_world_size, 4);
+        let ompi = info(&[
+            ("OMPI_COMM_WORLD_RANK", "5"),
+            ("OMPI_COMM_WORLD_SIZE", "6"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "3"),
+        ]);
+        assert_eq!(
+            ompi.unwrap(),
+            RankInfo {
+                rank: 5,
+                world_size: 6,
+                local_rank: 2,
+                local_world_size: 3
+            }
+        );
+        let pmi = info(&[("PMI_RANK", "1"), ("PMI_SIZE", "2")]).unwrap();
+        assert_eq!((pmi.rank, pmi.world_size, pmi.local_rank), (1, 2, 1));
+        let slurm = info(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0"),
+        ]);
+        assert_eq!(slurm.unwrap().world_size, 2);
+    }
+
+    #[test]
+    fn bad_variables_name_themselves() {
+        let e = info(&[("RANK", "2"), ("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(e.message.contains("RANK=2 with WORLD_SIZE=2"), "{e}");
+        let e = info(&[("RANK", "0")]).unwrap_err();
+        assert!(
+            e.message
+                .contains("RANK and WORLD_SIZE must be set together"),
+            "{e}"
+        );
+        let e = info(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(
+            e.message
+                .contains("RANK=\"x\": expected a non-negative integer"),
+            "{e}"
+        );
     }
 }

@@ -14,11 +14,16 @@ pub mod env;
 pub mod error;
 mod futex;
 pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi_backend;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod partition;
 pub mod shm;
+mod shm_cma;
 pub mod store;
 
-pub use communicator::{CommConfig, Communicator, Handle, Scope, DEFAULT_TIMEOUT};
+pub use communicator::{CommConfig, Communicator, Handle, Pending, Scope, DEFAULT_TIMEOUT};
 pub use elem::{DType, Elem, ReduceOp};
 pub use env::RankInfo;
 pub use error::{CommError, ErrorKind, Result};

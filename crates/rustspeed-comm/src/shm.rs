@@ -201,6 +201,26 @@ impl Region {
                 human_bytes(layout.total_bytes())
             ))
         })?;
+        // tmpfs allocates pages on first touch; a full /dev/shm (Docker's default is 64 MiB)
+        // would then kill us with SIGBUS in the middle of a collective. Reserve them now.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid fd and an in-range length.
+            let r = unsafe {
+                libc::posix_fallocate(file.as_raw_fd(), 0, layout.total_bytes() as libc::off_t)
+            };
+            if r != 0 {
+                let _ = std::fs::remove_file(path);
+                return Err(CommError::setup(format!(
+                    "shm backend: cannot reserve {} in {}: {} (is /dev/shm too small? `df -h /dev/shm`; \
+                     Docker: --shm-size=1g; or lower RUSTSPEED_SHM_CHUNK_BYTES)",
+                    human_bytes(layout.total_bytes()),
+                    path.display(),
+                    std::io::Error::from_raw_os_error(r)
+                )));
+            }
+        }
         let region = Self::map(&file, path, 0, layout, timeout)?;
         let h = region.base;
         // SAFETY: the header lies inside the mapping; nobody else has it yet.
@@ -303,6 +323,15 @@ impl Region {
             pid: self.u32_at(o + 8),
             closed: self.u32_at(o + 12),
         }
+    }
+
+    /// Where `rank` publishes the address of the buffer peers read in single-copy mode.
+    pub(crate) fn cma_addr(&self, rank: usize) -> &AtomicU64 {
+        self.u64_at(RANK_CTL_OFF + rank * RANK_CTL_BYTES + 32)
+    }
+
+    pub(crate) fn pid_of(&self, rank: usize) -> u32 {
+        self.ctl(rank).pid.load(SeqCst)
     }
 
     fn info(&self, rank: usize, seq: u64) -> OpInfo<'_> {
@@ -428,7 +457,12 @@ impl Region {
     }
 
     /// Fails the group with a watchdog message naming the operation and the missing ranks.
-    fn fail_wait(&self, what: &str, missing: &[usize], cause: Option<String>) -> CommError {
+    pub(crate) fn fail_wait(
+        &self,
+        what: &str,
+        missing: &[usize],
+        cause: Option<String>,
+    ) -> CommError {
         if let Some(e) = self.aborted() {
             return e;
         }
@@ -702,20 +736,59 @@ pub struct ShmGroup {
     pub region: std::sync::Arc<Region>,
     round: u32,
     seq: u64,
-    scratch: Vec<u8>,
+    pub(crate) scratch: Vec<u8>,
+    /// Single-copy mode: peers read each other's buffers with process_vm_readv (see
+    /// `shm_cma`), when every rank may read every other's memory.
+    pub(crate) cma: bool,
 }
 
 impl ShmGroup {
-    pub fn new(region: std::sync::Arc<Region>) -> ShmGroup {
+    pub fn new(region: std::sync::Arc<Region>, cma: bool) -> ShmGroup {
         ShmGroup {
             region,
             round: 0,
             seq: 0,
             scratch: Vec::new(),
+            cma,
         }
     }
 
-    fn begin(&mut self, name: String, code: u32, dtype: DType, count: usize) -> Result<OpCtx> {
+    pub fn reduce_scatter<T: Elem>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if self.cma {
+            self.reduce_scatter_cma(input, output, op)
+        } else {
+            self.reduce_scatter_staged(input, output, op)
+        }
+    }
+
+    pub fn all_gather<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        if self.cma {
+            self.all_gather_cma(input, output)
+        } else {
+            self.all_gather_staged(input, output)
+        }
+    }
+
+    pub fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        if self.cma {
+            self.all_reduce_cma(buf, op)
+        } else {
+            self.all_reduce_staged(buf, op)
+        }
+    }
+
+    pub(crate) fn begin(
+        &mut self,
+        name: String,
+        code: u32,
+        dtype: DType,
+        count: usize,
+    ) -> Result<OpCtx> {
         if let Some(e) = self.region.aborted() {
             return Err(e);
         }
@@ -741,15 +814,26 @@ impl ShmGroup {
     }
 
     /// Publishes the next round and waits for every peer to publish it too.
-    fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
+    pub(crate) fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
+        self.publish();
+        self.wait_peers(ctx)
+    }
+
+    /// Publishes the next round: my half for it is written.
+    pub(crate) fn publish(&mut self) {
         let reg = &*self.region;
         self.round = self.round.wrapping_add(1);
-        let target = self.round;
         let me = reg.ctl(reg.rank);
-        me.round.store(target, SeqCst);
+        me.round.store(self.round, SeqCst);
         if me.sleepers.load(SeqCst) > 0 {
             futex::wake_all(me.round);
         }
+    }
+
+    /// Waits until every peer has published the round I published last.
+    pub(crate) fn wait_peers(&self, ctx: &OpCtx) -> Result<()> {
+        let reg = &*self.region;
+        let target = self.round;
         let arrived = |v: u32| v.wrapping_sub(target) as i32 >= 0;
         let deadline = ctx.start + reg.timeout;
         for p in (0..reg.world).filter(|&p| p != reg.rank) {
@@ -772,7 +856,7 @@ impl ShmGroup {
     }
 
     /// After the first round of a collective: every peer must be in the same one.
-    fn check_match(&self, ctx: &OpCtx) -> Result<()> {
+    pub(crate) fn check_match(&self, ctx: &OpCtx) -> Result<()> {
         let reg = &*self.region;
         for p in (0..reg.world).filter(|&p| p != reg.rank) {
             let info = reg.info(p, ctx.seq);
@@ -806,7 +890,7 @@ impl ShmGroup {
     }
 
     /// `output` (len c) = rank's piece of op(inputs) (len n, ceil(n/world) == c).
-    pub fn reduce_scatter<T: Elem>(
+    fn reduce_scatter_staged<T: Elem>(
         &mut self,
         input: &[T],
         output: &mut [T],
@@ -873,7 +957,7 @@ impl ShmGroup {
 
     /// `output` (len n) = concatenation of every rank's `input` (len c = ceil(n/world)),
     /// the padding past n dropped.
-    pub fn all_gather<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+    fn all_gather_staged<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let ctx = self.begin(
             "all_gather".into(),
             opcode::ALL_GATHER,
@@ -900,19 +984,19 @@ impl ShmGroup {
                     len,
                 )
             };
-            self.sync(&ctx)?;
+            self.publish();
+            // My own piece needs no peer: copy it while they catch up.
+            let (lo, hi) = ((me * c + off).min(n), (me * c + off + len).min(n));
+            output[lo..hi].copy_from_slice(&input[off..off + (hi - lo)]);
+            self.wait_peers(&ctx)?;
             if first {
                 self.check_match(&ctx)?;
                 first = false;
             }
-            for p in 0..ws {
+            for p in (0..ws).filter(|&p| p != me) {
                 let lo = (p * c + off).min(n);
                 let hi = (p * c + off + len).min(n);
-                let src: *const T = if p == me {
-                    input[off..].as_ptr()
-                } else {
-                    self.region.slot(p, half) as *const T
-                };
+                let src = self.region.slot(p, half) as *const T;
                 // SAFETY: hi - lo <= len elements are readable at src.
                 unsafe { std::ptr::copy_nonoverlapping(src, output[lo..hi].as_mut_ptr(), hi - lo) };
             }
@@ -922,7 +1006,7 @@ impl ShmGroup {
     }
 
     /// In place: `buf` = op over ranks of `buf`.
-    pub fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    fn all_reduce_staged<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let ctx = self.begin(
             format!("all_reduce({})", op.name()),
             opcode::ALL_REDUCE | op.code() << 8,
@@ -980,9 +1064,19 @@ impl ShmGroup {
                 };
                 reduce_into(&srcs, out, op, ws);
             }
-            // Round 2: everybody copies every reduced piece out.
-            self.sync(&ctx)?;
-            for p in 0..ws {
+            // Round 2: everybody copies every reduced piece out, mine while the others finish.
+            self.publish();
+            let (mlo, mhi) = piece(me);
+            // SAFETY: my half out_half holds my reduced piece.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.region.slot(me, out_half) as *const T,
+                    buf[mlo..].as_mut_ptr(),
+                    mhi - mlo,
+                )
+            };
+            self.wait_peers(&ctx)?;
+            for p in (0..ws).filter(|&p| p != me) {
                 let (lo, hi) = piece(p);
                 // SAFETY: p's half out_half holds its reduced piece (hi - lo elements).
                 unsafe {

@@ -305,6 +305,15 @@ impl Store {
         }
     }
 
+    /// Waits (up to the store's timeout) until every key in `keys` is set (torch's
+    /// `store.wait(keys)`).
+    pub fn wait(&self, keys: &[&str]) -> Result<()> {
+        for k in keys {
+            self.get(k)?;
+        }
+        Ok(())
+    }
+
     /// Adds `delta` to the integer counter at `key` (absent = 0) and returns the new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
         let (_, v) = self.request(OP_ADD, key, &delta.to_le_bytes())?;

@@ -27,6 +27,14 @@ fn small(half_bytes: usize) -> CommConfig {
     }
 }
 
+/// The same with the single-copy path (process_vm_readv; off by default).
+fn single_copy(half_bytes: usize) -> CommConfig {
+    CommConfig {
+        shm_single_copy: true,
+        ..small(half_bytes)
+    }
+}
+
 /// Deterministic, rank-dependent values with fractional parts (so summation order matters
 /// in 16-bit types and the test would see a different order).
 fn data<T: Elem>(rank: usize, n: usize, salt: usize) -> Vec<T> {
@@ -46,7 +54,16 @@ fn check_all<T: Elem + PartialEq + std::fmt::Debug>(
     half_bytes: usize,
     sizes: &[usize],
 ) {
-    run(world, small(half_bytes), |comm| {
+    check_all_cfg::<T>(world, small(half_bytes), sizes);
+    check_all_cfg::<T>(world, single_copy(half_bytes), sizes);
+}
+
+fn check_all_cfg<T: Elem + PartialEq + std::fmt::Debug>(
+    world: usize,
+    cfg: CommConfig,
+    sizes: &[usize],
+) {
+    run(world, cfg, |comm| {
         let (ws, me) = (comm.world_size(), comm.rank());
         for (salt, &n) in sizes.iter().enumerate() {
             let inputs: Vec<Vec<T>> = (0..ws).map(|r| data::<T>(r, n, salt)).collect();
@@ -188,7 +205,7 @@ fn non_blocking_calls_return_at_once_and_overlap() {
         );
         if me == 1 {
             // Rank 0's collectives cannot complete before rank 1 joins.
-            std::thread::sleep(Duration::from_millis(400));
+            std::thread::sleep(Duration::from_millis(700));
         }
         let mut busy = 0u64;
         comm.scope(|s| {
@@ -301,8 +318,9 @@ fn watchdog_names_op_size_seq_and_missing_rank() {
     let errs = run(3, cfg, |comm| {
         comm.barrier().unwrap();
         if comm.rank() == 2 {
-            // Never calls the collective, but stays alive (no dead-peer shortcut).
-            std::thread::sleep(Duration::from_millis(2500));
+            // Never calls the collective, but stays alive well past the others' deadline (no
+            // dead-peer shortcut even on a loaded machine).
+            std::thread::sleep(Duration::from_millis(4000));
             return None;
         }
         let mut buf = vec![bf16::ONE; 2048];
@@ -373,6 +391,7 @@ fn store_set_get_add_wait() {
         server.add("count", 1).unwrap();
         server
     });
+    client.wait(&["a", "late"]).unwrap();
     assert_eq!(client.get("late").unwrap(), b"x");
     assert_eq!(client.wait_ge("count", 1, "test").unwrap(), 1);
     let server = t.join().unwrap();
@@ -391,4 +410,68 @@ fn store_set_get_add_wait() {
     if let Some(e) = e {
         assert!(e.message.contains("MASTER_ADDR:MASTER_PORT"), "{e}");
     }
+}
+
+#[test]
+fn different_reduce_ops_are_a_mismatch() {
+    let errs = run(2, small(4096), |comm| {
+        let op = if comm.rank() == 0 {
+            ReduceOp::Sum
+        } else {
+            ReduceOp::Mean
+        };
+        comm.all_reduce(&mut [1f32; 4], op).unwrap_err()
+    });
+    for e in errs {
+        assert!(
+            e.message.contains("all_reduce(sum) #1") && e.message.contains("all_reduce(mean) #1"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn communicator_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Communicator>();
+    // Two threads of one rank issuing blocking collectives in a fixed order through a mutex
+    // would be the caller's job; here: a world of one is usable from anywhere.
+    let c = Communicator::single();
+    std::thread::scope(|s| {
+        s.spawn(|| c.all_reduce(&mut [1f32], ReduceOp::Sum).unwrap());
+    });
+}
+
+#[test]
+fn unscoped_pending_reduce_scatter_over_one_flat_buffer() {
+    // The engine's shape: layer ranges of one flat gradient buffer; layer 1's range is reduced
+    // while "backward" keeps writing layer 0's range through a raw view of the same buffer.
+    run(2, small(4096), |comm| {
+        let (ws, me) = (2, comm.rank());
+        let (l0, l1) = (3000usize, 5000usize);
+        let mut grads: Vec<f32> = data::<f32>(me, l0 + l1, 7);
+        let mut part1 = vec![0f32; partition_len(l1, ws)];
+        let base = grads.as_mut_ptr();
+        // SAFETY: the two views are disjoint; layer 1's view is not touched until wait().
+        let (g0, g1) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(base, l0),
+                std::slice::from_raw_parts_mut(base.add(l0), l1),
+            )
+        };
+        let pending = unsafe { comm.start_reduce_scatter(g1, &mut part1, ReduceOp::Sum) }.unwrap();
+        g0.iter_mut().for_each(|g| *g *= 2.0); // backward of layer 0
+        pending.wait().unwrap();
+        let inputs: Vec<Vec<f32>> = (0..ws)
+            .map(|r| data::<f32>(r, l0 + l1, 7)[l0..].to_vec())
+            .collect();
+        let want = reduce_reference(&inputs, ReduceOp::Sum);
+        let c = part1.len();
+        assert_eq!(part1, want[me * c..(me * c + c).min(l1)]);
+        assert_eq!(grads[0], data::<f32>(me, 1, 7)[0] * 2.0);
+        // A dropped Pending still completes before the buffers can go away.
+        let mut x = [me as f32 + 1.0; 3];
+        drop(unsafe { comm.start_all_reduce(&mut x, ReduceOp::Sum) }.unwrap());
+        assert_eq!(x, [3.0; 3]);
+    });
 }

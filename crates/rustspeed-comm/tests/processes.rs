@@ -18,6 +18,10 @@ fn free_port() -> u16 {
 }
 
 fn spawn_ranks(world: usize, mode: &str, timeout_s: &str) -> Vec<Child> {
+    spawn_ranks_env(world, mode, timeout_s, "1")
+}
+
+fn spawn_ranks_env(world: usize, mode: &str, timeout_s: &str, single_copy: &str) -> Vec<Child> {
     let port = free_port().to_string();
     let exe = std::env::current_exe().unwrap();
     (0..world)
@@ -32,6 +36,7 @@ fn spawn_ranks(world: usize, mode: &str, timeout_s: &str) -> Vec<Child> {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
                 .env("RUSTSPEED_COMM_TIMEOUT", timeout_s)
+                .env("RUSTSPEED_SHM_SINGLE_COPY", single_copy)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -55,6 +60,9 @@ fn child() {
     let comm = Communicator::from_env().unwrap();
     let (ws, me) = (comm.world_size(), comm.rank());
     assert_eq!(comm.backend_name(), "shm");
+    if std::env::var("RUSTSPEED_SHM_SINGLE_COPY").as_deref() == Ok("0") {
+        assert!(!comm.single_copy());
+    }
     match mode.as_str() {
         "ops" => {
             let n = 1_000_003; // odd, several rounds of 1 MiB halves
@@ -99,7 +107,12 @@ fn child() {
 
 #[test]
 fn three_processes_every_op() {
-    let children = spawn_ranks(3, "ops", "60");
+    for single_copy in ["1", "0"] {
+        check_ops(spawn_ranks_env(3, "ops", "60", single_copy));
+    }
+}
+
+fn check_ops(children: Vec<Child>) {
     for (rank, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

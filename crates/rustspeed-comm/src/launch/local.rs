@@ -95,6 +95,13 @@ pub fn describe_status(st: ExitStatus) -> (String, i32) {
     }
 }
 
+/// Whether a process ended the way our SIGTERM/SIGKILL ends one (by the signal, or by
+/// exiting with the shell's 128 + signal code from a handler).
+fn stopped_by_us(st: ExitStatus) -> bool {
+    matches!(st.signal(), Some(libc::SIGTERM) | Some(libc::SIGKILL))
+        || matches!(st.code(), Some(143) | Some(137))
+}
+
 /// Copies `src` line by line to our stdout or stderr with `prefix` before each line, one
 /// locked write per line so ranks' lines never interleave mid-line.
 fn pump(src: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> JoinHandle<()> {
@@ -125,10 +132,10 @@ fn pump(src: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> Joi
 
 /// Signals a rank's whole process group: what it forked (data workers, a shell's children)
 /// must stop with it, or they would keep its log pipes open.
-fn signal(child: &Child, sig: libc::c_int) {
+fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: plain kill(2) on the process group our child leads.
     unsafe {
-        libc::kill(-(child.id() as libc::pid_t), sig);
+        libc::kill(-(pid as libc::pid_t), sig);
     }
 }
 
@@ -181,7 +188,7 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
             Ok(c) => c,
             Err(e) => {
                 for (_, c) in children.iter_mut() {
-                    signal(c, libc::SIGKILL);
+                    signal(c.id(), libc::SIGKILL);
                     let _ = c.wait();
                 }
                 return Err(LaunchError::Io(format!(
@@ -195,43 +202,65 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         pumps.push(pump(child.stderr.take().unwrap(), prefix, true));
         children.push((label, child));
     }
-    let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    // One waiter thread per process: the channel then receives exits in the order they
+    // happened, so the rank that failed first is named, not a rank that failed because of it
+    // (a peer's watchdog reacting within milliseconds) and merely sorts first.
+    let pids: Vec<u32> = children.iter().map(|(_, c)| c.id()).collect();
+    let labels: Vec<String> = children.iter().map(|(l, _)| l.clone()).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+    for (i, (_, mut c)) in children.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((i, c.wait()));
+        });
+    }
+    drop(tx);
+    let mut status: Vec<Option<ExitStatus>> = vec![None; pids.len()];
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;
     let mut stopped_by_signal = false;
+    // Ranks that failed on their own besides the first (a peer failing within milliseconds
+    // may be seen first; both are reported).
+    let mut also_failed: Vec<(usize, ExitStatus)> = Vec::new();
     while status.iter().any(Option::is_none) {
-        for (i, (_, c)) in children.iter_mut().enumerate() {
-            if status[i].is_none() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    status[i] = Some(st);
-                    if !st.success() && failure.is_none() {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((i, Ok(st))) => {
+                status[i] = Some(st);
+                if !st.success() {
+                    if failure.is_none() {
                         failure = Some((i, st));
+                    } else if !(term_sent.is_some() && stopped_by_us(st)) {
+                        also_failed.push((i, st));
                     }
                 }
             }
+            Ok((i, Err(e))) => {
+                return Err(LaunchError::Io(format!("waiting for {}: {e}", labels[i])));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if (failure.is_some() || interrupted != 0) && term_sent.is_none() {
             stopped_by_signal = failure.is_none();
-            for (i, (_, c)) in children.iter().enumerate() {
+            for (i, &pid) in pids.iter().enumerate() {
                 if status[i].is_none() {
-                    signal(c, libc::SIGTERM);
+                    signal(pid, libc::SIGTERM);
                 }
             }
             term_sent = Some(Instant::now());
         }
         if let Some(t) = term_sent {
             if !killed && t.elapsed() >= job.grace {
-                for (i, (_, c)) in children.iter().enumerate() {
+                for (i, &pid) in pids.iter().enumerate() {
                     if status[i].is_none() {
-                        signal(c, libc::SIGKILL);
+                        signal(pid, libc::SIGKILL);
                     }
                 }
                 killed = true;
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     // The pipes close when the last process holding them exits; one that escaped its process
     // group (setsid) must not keep the launcher waiting.
@@ -252,7 +281,16 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         None => Ok(()),
         Some((i, st)) => {
             let (how, exit_code) = describe_status(st);
-            let others = children.len() - 1;
+            let also: Vec<String> = also_failed
+                .iter()
+                .map(|&(j, st)| format!("{} {}", labels[j], describe_status(st).0))
+                .collect();
+            let also = if also.is_empty() {
+                String::new()
+            } else {
+                format!("; also failed: {}", also.join(", "))
+            };
+            let others = pids.len() - 1 - also_failed.len();
             let stopped = if others > 0 {
                 format!(
                     "; the other {others} process(es) were stopped (SIGTERM, SIGKILL after {:.0}s)",
@@ -262,7 +300,7 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
                 String::new()
             };
             Err(LaunchError::RankFailed {
-                message: format!("{} {how}{stopped}", children[i].0),
+                message: format!("{} {how}{also}{stopped}", labels[i]),
                 exit_code,
             })
         }
