@@ -34,6 +34,8 @@ enum Command {
     Launch(commands::launch::Args),
     /// Fine-tune a model on a data file with a DeepSpeed config (HF Trainer-style flags).
     Train(Box<commands::train::Args>),
+    /// Consolidate a ZeRO checkpoint (any world size and stage) into HF fp32/bf16 safetensors.
+    ZeroToFp32(commands::zero_to_fp32::Args),
 }
 
 #[derive(Subcommand)]
@@ -51,6 +53,7 @@ fn main() {
         Command::Eval(args) => commands::eval::run(args),
         Command::Launch(args) => commands::launch::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::ZeroToFp32(args) => commands::zero_to_fp32::run(args),
     };
     if let Err(err) = result {
         std::process::exit(exit::report(&err));

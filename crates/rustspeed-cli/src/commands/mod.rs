@@ -5,3 +5,4 @@ pub mod estimate;
 pub mod eval;
 pub mod launch;
 pub mod train;
+pub mod zero_to_fp32;

@@ -166,6 +166,9 @@ impl Drop for SignalGuard {
     }
 }
 
+/// How long the other ranks get to exit by themselves after one fails, before SIGTERM.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Runs the job to completion. When a process fails (non-zero exit or signal), the others
 /// get SIGTERM, then SIGKILL after `grace`, and the error names the first failure.
 pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
@@ -200,6 +203,8 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;
     let mut stopped_by_signal = false;
+    let mut failed_at: Option<Instant> = None;
+    let mut signalled = 0usize;
     while status.iter().any(Option::is_none) {
         for (i, (_, c)) in children.iter_mut().enumerate() {
             if status[i].is_none() {
@@ -212,11 +217,19 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
             }
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if (failure.is_some() || interrupted != 0) && term_sent.is_none() {
+        if failure.is_some() && failed_at.is_none() {
+            failed_at = Some(Instant::now());
+        }
+        // After a rank fails, the others get a moment to exit on their own: their communicator
+        // notices the dead peer at its next collective and fails with the watchdog's message
+        // (naming the operation and the missing rank), which says more than a SIGTERM would.
+        let settled = failed_at.is_some_and(|t| t.elapsed() >= job.grace.min(SETTLE));
+        if (settled || interrupted != 0) && term_sent.is_none() {
             stopped_by_signal = failure.is_none();
             for (i, (_, c)) in children.iter().enumerate() {
                 if status[i].is_none() {
                     signal(c, libc::SIGTERM);
+                    signalled += 1;
                 }
             }
             term_sent = Some(Instant::now());
@@ -253,11 +266,15 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         Some((i, st)) => {
             let (how, exit_code) = describe_status(st);
             let others = children.len() - 1;
-            let stopped = if others > 0 {
+            let how_stopped = format!("(SIGTERM, SIGKILL after {:.0}s)", job.grace.as_secs_f64());
+            let stopped = if signalled == others && others > 0 {
+                format!("; the other {others} process(es) were stopped {how_stopped}")
+            } else if signalled > 0 {
                 format!(
-                    "; the other {others} process(es) were stopped (SIGTERM, SIGKILL after {:.0}s)",
-                    job.grace.as_secs_f64()
+                    "; {signalled} of the other {others} process(es) were stopped {how_stopped}, the rest exited on their own"
                 )
+            } else if others > 0 {
+                format!("; the other {others} process(es) exited on their own")
             } else {
                 String::new()
             };
@@ -325,6 +342,26 @@ mod tests {
             e,
             LaunchError::RankFailed {
                 message: "rank 1 exited with code 3; the other 2 process(es) were stopped (SIGTERM, SIGKILL after 5s)"
+                    .into(),
+                exit_code: 3
+            }
+        );
+    }
+
+    #[test]
+    fn ranks_that_exit_on_their_own_after_a_failure_are_not_signalled() {
+        // What a watchdog does: the survivors notice the dead peer and fail by themselves.
+        let envs = rank_envs(&world(3), 0, "127.0.0.1", 1);
+        let e = run_local(sh(
+            "if [ \"$RANK\" = 1 ]; then exit 3; fi; sleep 0.5; exit 1",
+            &envs,
+            5000,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            LaunchError::RankFailed {
+                message: "rank 1 exited with code 3; the other 2 process(es) exited on their own"
                     .into(),
                 exit_code: 3
             }
