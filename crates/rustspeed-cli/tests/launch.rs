@@ -55,8 +55,8 @@ fn child() {
                 eprintln!("rank 1 fails on purpose");
                 std::process::exit(7);
             }
-            // Rank 0 waits for rank 1, which never comes: it is stopped by the launcher or
-            // fails on the dead peer, whichever is first.
+            // Rank 0 waits for rank 1, which never comes: it fails on the dead peer while
+            // the launcher gives it a moment before SIGTERM.
             let r = comm.all_reduce(&mut buf, ReduceOp::Sum);
             eprintln!("rank 0: {r:?}");
             std::process::exit(1);
@@ -112,7 +112,14 @@ fn failing_rank_stops_the_job_and_is_named() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("error: rank 1 exited with code 7; the other 1 process(es) were stopped"),
+        stderr.contains(
+            "error: rank 1 exited with code 7; the other 1 process(es) exited on their own"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[rank 0] rank 0: Err")
+            && stderr.contains("ranks that did not arrive: [1]"),
         "{stderr}"
     );
 }

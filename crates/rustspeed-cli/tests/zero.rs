@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Two-rank jobs in this file run one at a time: the launcher picks port 29500 or, when it is
+/// taken, another free one, and two jobs starting at the same instant can both pick 29500.
+static ONE_JOB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/train")
 }
@@ -101,6 +105,7 @@ fn rank_pid(root: u32, rank: usize) -> Option<u32> {
 
 #[test]
 fn a_killed_rank_stops_the_job_with_the_watchdog_message() {
+    let _one = ONE_JOB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const TIMEOUT_S: u64 = 20;
     let dir = tempdir("kill");
     let ds = write_config(&dir, 2);
@@ -124,7 +129,13 @@ fn a_killed_rank_stops_the_job_with_the_watchdog_message() {
             start.elapsed() < Duration::from_secs(300),
             "no training steps"
         );
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the run ended early: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let victim = rank_pid(child.id(), 1).expect("rank 1's process");
@@ -183,6 +194,7 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, (String, Vec<u8>)>
 
 #[test]
 fn zero_to_fp32_of_a_two_rank_checkpoint_gives_the_exported_weights() {
+    let _one = ONE_JOB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempdir("z2f");
     let ds = write_config(&dir, 2);
     let out = dir.join("out");

@@ -126,9 +126,13 @@ fn pump(src: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> Joi
 /// Signals a rank's whole process group: what it forked (data workers, a shell's children)
 /// must stop with it, or they would keep its log pipes open.
 fn signal(child: &Child, sig: libc::c_int) {
+    signal_group(child.id(), sig);
+}
+
+fn signal_group(pid: u32, sig: libc::c_int) {
     // SAFETY: plain kill(2) on the process group our child leads.
     unsafe {
-        libc::kill(-(child.id() as libc::pid_t), sig);
+        libc::kill(-(pid as libc::pid_t), sig);
     }
 }
 
@@ -198,7 +202,22 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         pumps.push(pump(child.stderr.take().unwrap(), prefix, true));
         children.push((label, child));
     }
-    let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    // One waiter thread per rank reports its exit the moment it happens, so when a dead rank
+    // makes the others fail too, the first failure is the cause, not whichever a poll saw first.
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, ExitStatus)>();
+    let mut ranks: Vec<(String, u32)> = Vec::new();
+    for (i, (label, mut child)) in children.into_iter().enumerate() {
+        ranks.push((label, child.id()));
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            // An error from wait(2) would leave nothing to report: count it as a failure.
+            let st = child
+                .wait()
+                .unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+            let _ = tx.send((i, st));
+        });
+    }
+    let mut status: Vec<Option<ExitStatus>> = vec![None; ranks.len()];
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;
@@ -206,14 +225,14 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
     let mut failed_at: Option<Instant> = None;
     let mut signalled = 0usize;
     while status.iter().any(Option::is_none) {
-        for (i, (_, c)) in children.iter_mut().enumerate() {
-            if status[i].is_none() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    status[i] = Some(st);
-                    if !st.success() && failure.is_none() {
-                        failure = Some((i, st));
-                    }
-                }
+        let first = rx.recv_timeout(Duration::from_millis(20)).ok();
+        for (i, st) in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            status[i] = Some(st);
+            if !st.success() && failure.is_none() {
+                failure = Some((i, st));
             }
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
@@ -226,9 +245,9 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         let settled = failed_at.is_some_and(|t| t.elapsed() >= job.grace.min(SETTLE));
         if (settled || interrupted != 0) && term_sent.is_none() {
             stopped_by_signal = failure.is_none();
-            for (i, (_, c)) in children.iter().enumerate() {
+            for (i, (_, pid)) in ranks.iter().enumerate() {
                 if status[i].is_none() {
-                    signal(c, libc::SIGTERM);
+                    signal_group(*pid, libc::SIGTERM);
                     signalled += 1;
                 }
             }
@@ -236,15 +255,14 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         }
         if let Some(t) = term_sent {
             if !killed && t.elapsed() >= job.grace {
-                for (i, (_, c)) in children.iter().enumerate() {
+                for (i, (_, pid)) in ranks.iter().enumerate() {
                     if status[i].is_none() {
-                        signal(c, libc::SIGKILL);
+                        signal_group(*pid, libc::SIGKILL);
                     }
                 }
                 killed = true;
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     // The pipes close when the last process holding them exits; one that escaped its process
     // group (setsid) must not keep the launcher waiting.
@@ -265,7 +283,7 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         None => Ok(()),
         Some((i, st)) => {
             let (how, exit_code) = describe_status(st);
-            let others = children.len() - 1;
+            let others = ranks.len() - 1;
             let how_stopped = format!("(SIGTERM, SIGKILL after {:.0}s)", job.grace.as_secs_f64());
             let stopped = if signalled == others && others > 0 {
                 format!("; the other {others} process(es) were stopped {how_stopped}")
@@ -279,7 +297,7 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
                 String::new()
             };
             Err(LaunchError::RankFailed {
-                message: format!("{} {how}{stopped}", children[i].0),
+                message: format!("{} {how}{stopped}", ranks[i].0),
                 exit_code,
             })
         }
