@@ -36,6 +36,8 @@ enum Command {
     MergeLora(commands::merge_lora::Args),
     /// Fine-tune a model on a data file with a DeepSpeed config (HF Trainer-style flags).
     Train(Box<commands::train::Args>),
+    /// Consolidate a ZeRO checkpoint (any world size and stage) into HF fp32/bf16 safetensors.
+    ZeroToFp32(commands::zero_to_fp32::Args),
 }
 
 #[derive(Subcommand)]
@@ -54,6 +56,7 @@ fn main() {
         Command::Launch(args) => commands::launch::run(args),
         Command::MergeLora(args) => commands::merge_lora::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::ZeroToFp32(args) => commands::zero_to_fp32::run(args),
     };
     if let Err(err) = result {
         std::process::exit(exit::report(&err));

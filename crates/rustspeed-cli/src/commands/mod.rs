@@ -7,3 +7,4 @@ pub mod launch;
 pub mod merge_lora;
 pub mod quantize;
 pub mod train;
+pub mod zero_to_fp32;

@@ -95,13 +95,6 @@ pub fn describe_status(st: ExitStatus) -> (String, i32) {
     }
 }
 
-/// Whether a process ended the way our SIGTERM/SIGKILL ends one (by the signal, or by
-/// exiting with the shell's 128 + signal code from a handler).
-fn stopped_by_us(st: ExitStatus) -> bool {
-    matches!(st.signal(), Some(libc::SIGTERM) | Some(libc::SIGKILL))
-        || matches!(st.code(), Some(143) | Some(137))
-}
-
 /// Copies `src` line by line to our stdout or stderr with `prefix` before each line, one
 /// locked write per line so ranks' lines never interleave mid-line.
 fn pump(src: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> JoinHandle<()> {
@@ -132,7 +125,11 @@ fn pump(src: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> Joi
 
 /// Signals a rank's whole process group: what it forked (data workers, a shell's children)
 /// must stop with it, or they would keep its log pipes open.
-fn signal(pid: u32, sig: libc::c_int) {
+fn signal(child: &Child, sig: libc::c_int) {
+    signal_group(child.id(), sig);
+}
+
+fn signal_group(pid: u32, sig: libc::c_int) {
     // SAFETY: plain kill(2) on the process group our child leads.
     unsafe {
         libc::kill(-(pid as libc::pid_t), sig);
@@ -173,6 +170,9 @@ impl Drop for SignalGuard {
     }
 }
 
+/// How long the other ranks get to exit by themselves after one fails, before SIGTERM.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Runs the job to completion. When a process fails (non-zero exit or signal), the others
 /// get SIGTERM, then SIGKILL after `grace`, and the error names the first failure.
 pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
@@ -188,7 +188,7 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
             Ok(c) => c,
             Err(e) => {
                 for (_, c) in children.iter_mut() {
-                    signal(c.id(), libc::SIGKILL);
+                    signal(c, libc::SIGKILL);
                     let _ = c.wait();
                 }
                 return Err(LaunchError::Io(format!(
@@ -202,60 +202,62 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         pumps.push(pump(child.stderr.take().unwrap(), prefix, true));
         children.push((label, child));
     }
-    // One waiter thread per process: the channel then receives exits in the order they
-    // happened, so the rank that failed first is named, not a rank that failed because of it
-    // (a peer's watchdog reacting within milliseconds) and merely sorts first.
-    let pids: Vec<u32> = children.iter().map(|(_, c)| c.id()).collect();
-    let labels: Vec<String> = children.iter().map(|(l, _)| l.clone()).collect();
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
-    for (i, (_, mut c)) in children.into_iter().enumerate() {
+    // One waiter thread per rank reports its exit the moment it happens, so when a dead rank
+    // makes the others fail too, the first failure is the cause, not whichever a poll saw first.
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, ExitStatus)>();
+    let mut ranks: Vec<(String, u32)> = Vec::new();
+    for (i, (label, mut child)) in children.into_iter().enumerate() {
+        ranks.push((label, child.id()));
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let _ = tx.send((i, c.wait()));
+            // An error from wait(2) would leave nothing to report: count it as a failure.
+            let st = child
+                .wait()
+                .unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+            let _ = tx.send((i, st));
         });
     }
-    drop(tx);
-    let mut status: Vec<Option<ExitStatus>> = vec![None; pids.len()];
+    let mut status: Vec<Option<ExitStatus>> = vec![None; ranks.len()];
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;
     let mut stopped_by_signal = false;
-    // Ranks that failed on their own besides the first (a peer failing within milliseconds
-    // may be seen first; both are reported).
-    let mut also_failed: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut failed_at: Option<Instant> = None;
+    let mut signalled = 0usize;
     while status.iter().any(Option::is_none) {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok((i, Ok(st))) => {
-                status[i] = Some(st);
-                if !st.success() {
-                    if failure.is_none() {
-                        failure = Some((i, st));
-                    } else if !(term_sent.is_some() && stopped_by_us(st)) {
-                        also_failed.push((i, st));
-                    }
-                }
+        let first = rx.recv_timeout(Duration::from_millis(20)).ok();
+        for (i, st) in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            status[i] = Some(st);
+            if !st.success() && failure.is_none() {
+                failure = Some((i, st));
             }
-            Ok((i, Err(e))) => {
-                return Err(LaunchError::Io(format!("waiting for {}: {e}", labels[i])));
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if (failure.is_some() || interrupted != 0) && term_sent.is_none() {
+        if failure.is_some() && failed_at.is_none() {
+            failed_at = Some(Instant::now());
+        }
+        // After a rank fails, the others get a moment to exit on their own: their communicator
+        // notices the dead peer at its next collective and fails with the watchdog's message
+        // (naming the operation and the missing rank), which says more than a SIGTERM would.
+        let settled = failed_at.is_some_and(|t| t.elapsed() >= job.grace.min(SETTLE));
+        if (settled || interrupted != 0) && term_sent.is_none() {
             stopped_by_signal = failure.is_none();
-            for (i, &pid) in pids.iter().enumerate() {
+            for (i, (_, pid)) in ranks.iter().enumerate() {
                 if status[i].is_none() {
-                    signal(pid, libc::SIGTERM);
+                    signal_group(*pid, libc::SIGTERM);
+                    signalled += 1;
                 }
             }
             term_sent = Some(Instant::now());
         }
         if let Some(t) = term_sent {
             if !killed && t.elapsed() >= job.grace {
-                for (i, &pid) in pids.iter().enumerate() {
+                for (i, (_, pid)) in ranks.iter().enumerate() {
                     if status[i].is_none() {
-                        signal(pid, libc::SIGKILL);
+                        signal_group(*pid, libc::SIGKILL);
                     }
                 }
                 killed = true;
@@ -281,26 +283,21 @@ pub fn run_local(job: LocalJob) -> Result<(), LaunchError> {
         None => Ok(()),
         Some((i, st)) => {
             let (how, exit_code) = describe_status(st);
-            let also: Vec<String> = also_failed
-                .iter()
-                .map(|&(j, st)| format!("{} {}", labels[j], describe_status(st).0))
-                .collect();
-            let also = if also.is_empty() {
-                String::new()
-            } else {
-                format!("; also failed: {}", also.join(", "))
-            };
-            let others = pids.len() - 1 - also_failed.len();
-            let stopped = if others > 0 {
+            let others = ranks.len() - 1;
+            let how_stopped = format!("(SIGTERM, SIGKILL after {:.0}s)", job.grace.as_secs_f64());
+            let stopped = if signalled == others && others > 0 {
+                format!("; the other {others} process(es) were stopped {how_stopped}")
+            } else if signalled > 0 {
                 format!(
-                    "; the other {others} process(es) were stopped (SIGTERM, SIGKILL after {:.0}s)",
-                    job.grace.as_secs_f64()
+                    "; {signalled} of the other {others} process(es) were stopped {how_stopped}, the rest exited on their own"
                 )
+            } else if others > 0 {
+                format!("; the other {others} process(es) exited on their own")
             } else {
                 String::new()
             };
             Err(LaunchError::RankFailed {
-                message: format!("{} {how}{also}{stopped}", labels[i]),
+                message: format!("{} {how}{stopped}", ranks[i].0),
                 exit_code,
             })
         }
@@ -363,6 +360,26 @@ mod tests {
             e,
             LaunchError::RankFailed {
                 message: "rank 1 exited with code 3; the other 2 process(es) were stopped (SIGTERM, SIGKILL after 5s)"
+                    .into(),
+                exit_code: 3
+            }
+        );
+    }
+
+    #[test]
+    fn ranks_that_exit_on_their_own_after_a_failure_are_not_signalled() {
+        // What a watchdog does: the survivors notice the dead peer and fail by themselves.
+        let envs = rank_envs(&world(3), 0, "127.0.0.1", 1);
+        let e = run_local(sh(
+            "if [ \"$RANK\" = 1 ]; then exit 3; fi; sleep 0.5; exit 1",
+            &envs,
+            5000,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            LaunchError::RankFailed {
+                message: "rank 1 exited with code 3; the other 2 process(es) exited on their own"
                     .into(),
                 exit_code: 3
             }

@@ -12,7 +12,7 @@ use crate::checkpoint::{
     MODEL_META, MODEL_STATES,
 };
 
-const MASTER: &str = "fp32_master";
+const MASTER: &str = crate::consolidate::FP32_MASTER;
 
 /// A rank's piece of the optimizer: fp32 master (empty in fp32 training), the optimizer's
 /// state buffers, and its step count.
