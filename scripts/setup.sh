@@ -9,7 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in build-essential pkg-config python3 python3-pip curl ca-certificates; do
+# OpenMPI and libclang serve the optional `mpi` feature (multi-node runs); the default build needs
+# neither.
+for pkg in build-essential pkg-config python3 python3-pip curl ca-certificates \
+  openmpi-bin libopenmpi-dev libclang-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
