@@ -3,9 +3,12 @@
 //! rustspeed-models (tools/golden/lora_golden.py), and against the merged model
 //! `rustspeed train --merge` writes.
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -14,29 +17,6 @@ fn models_golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../rustspeed-models/tests/golden")
         .join(name)
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rustspeed-merge-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rustspeed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}; stderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Every tensor of a safetensors file as f32 (bf16/f16 widened), with its stored dtype.

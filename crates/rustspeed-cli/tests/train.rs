@@ -1,6 +1,9 @@
 //! `rustspeed train` end to end on the tiny random GPT-2 of tests/golden/eval (it has a
 //! tokenizer): metrics per step, the exported model, exact resume, and exit 2 on bad input.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -8,13 +11,6 @@ use serde_json::Value;
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/eval")
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rustspeed-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// 24 short texts of a small vocabulary, and a config whose batch, optimizer and scheduler
@@ -86,23 +82,6 @@ fn train(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
         .args(&args)
         .output()
         .unwrap()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "status {:?}, stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -5,51 +5,15 @@
 //! alpaca records as JSONL, CSV and Parquet (written by pyarrow). Also: every DeepSpeed config
 //! the users brought (../shared/configs, and the copies in assets/configs) trains.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use rustspeed_data::{prepare, ChatTemplate, DataConfig, Format, SpecialIds, TryEncode};
 use rustspeed_models::tokenizer::Tokenizer;
 use serde_json::Value;
-
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/train")
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rustspeed-tg-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rustspeed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "status {:?}, stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn write_config(dir: &Path, config: Value) -> PathBuf {
     let path = dir.join("ds.json");
@@ -66,7 +30,7 @@ fn close(got: f64, want: f64, rel: f64, what: &str) {
 
 #[test]
 fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
-    let expected = read_json(&golden().join("text_expected.json"));
+    let expected = read_json(&train_golden().join("text_expected.json"));
     let r = &expected["run"];
     let dir = tempdir("text");
     // Only the batch and clipping: HF Trainer supplies AdamW and the linear schedule.
@@ -81,8 +45,8 @@ fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
     );
     let out = dir.join("out");
     let s = |k: &str| r[k].to_string();
-    let model = golden().join("model");
-    let data = golden().join("text.jsonl");
+    let model = train_golden().join("model");
+    let data = train_golden().join("text.jsonl");
     let result = rustspeed(&[
         "train",
         "--model",
@@ -140,7 +104,7 @@ fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
 }
 
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_dir(&golden().join("model")).unwrap()
+    Tokenizer::from_dir(&train_golden().join("model")).unwrap()
 }
 
 /// The samples the train command builds from `file` (no packing, no truncation).
@@ -150,7 +114,8 @@ fn samples(file: &Path, format: Format) -> Vec<(Vec<u32>, Vec<i32>)> {
     cfg.format = Some(format);
     cfg.max_length = Some(256);
     cfg.chat_template =
-        ChatTemplate::from_tokenizer_config(&golden().join("model/tokenizer_config.json")).unwrap();
+        ChatTemplate::from_tokenizer_config(&train_golden().join("model/tokenizer_config.json"))
+            .unwrap();
     let special = SpecialIds {
         eos: tok.eos_token_id().unwrap(),
         bos: tok.bos_token_id(),
@@ -166,7 +131,7 @@ fn samples(file: &Path, format: Format) -> Vec<(Vec<u32>, Vec<i32>)> {
 }
 
 fn expected_samples(name: &str) -> Vec<(Vec<u32>, Vec<i32>)> {
-    let v = read_json(&golden().join(name));
+    let v = read_json(&train_golden().join(name));
     v.as_array()
         .unwrap()
         .iter()
@@ -185,7 +150,7 @@ fn expected_samples(name: &str) -> Vec<(Vec<u32>, Vec<i32>)> {
 fn alpaca_masks_match_transformers_from_jsonl_csv_and_parquet() {
     let want = expected_samples("alpaca_expected.json");
     for file in ["alpaca.jsonl", "alpaca.csv", "alpaca.parquet"] {
-        let got = samples(&golden().join(file), Format::Alpaca);
+        let got = samples(&train_golden().join(file), Format::Alpaca);
         assert_eq!(got.len(), want.len(), "{file}");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g, w, "{file} record {i}");
@@ -196,7 +161,7 @@ fn alpaca_masks_match_transformers_from_jsonl_csv_and_parquet() {
 #[test]
 fn chat_masks_match_transformers_assistant_masks() {
     let want = expected_samples("chat_expected.json");
-    let got = samples(&golden().join("chat.jsonl"), Format::Chat);
+    let got = samples(&train_golden().join("chat.jsonl"), Format::Chat);
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.0, w.0, "conversation {i}: input_ids");
@@ -205,7 +170,7 @@ fn chat_masks_match_transformers_assistant_masks() {
 }
 
 fn short_run(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
-    let model = golden().join("model");
+    let model = train_golden().join("model");
     let mut args = vec![
         "train",
         "--model",
@@ -238,7 +203,7 @@ fn csv_and_parquet_train_exactly_like_jsonl() {
     for file in ["alpaca.jsonl", "alpaca.csv", "alpaca.parquet"] {
         let out = dir.join(file.replace('.', "-"));
         assert_ok(&short_run(
-            &golden().join(file),
+            &train_golden().join(file),
             &ds,
             &out,
             &["--learning-rate", "1e-3"],
@@ -279,7 +244,7 @@ fn every_user_config_trains() {
         "expected the seed configs in ../shared/configs or assets/configs, found {configs:?}"
     );
     let dir = tempdir("configs");
-    let data = golden().join("text.jsonl");
+    let data = train_golden().join("text.jsonl");
     for (i, cfg) in configs.iter().enumerate() {
         let out = dir.join(format!("run{i}"));
         let result = short_run(&data, cfg, &out, &[]);
@@ -315,7 +280,7 @@ fn two_ranks_at_stage_2_train_like_one_process() {
             "zero_optimization": {"stage": 2}
         }),
     );
-    let data = golden().join("text.jsonl");
+    let data = train_golden().join("text.jsonl");
     let runs: Vec<Vec<Value>> = [None, Some("2")]
         .iter()
         .map(|ranks| {
@@ -362,7 +327,7 @@ fn lora_and_qlora_runs_write_peft_adapters() {
         serde_json::json!({"train_batch_size": 4, "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}),
     );
-    let data = golden().join("text.jsonl");
+    let data = train_golden().join("text.jsonl");
     let out = dir.join("lora");
     let lora = [
         "--lora-r",

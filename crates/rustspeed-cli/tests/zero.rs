@@ -2,24 +2,16 @@
 //! and `rustspeed zero-to-fp32` consolidates a two-rank checkpoint into HF weights that equal
 //! what the run exported.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Two-rank jobs in this file run one at a time: the launcher picks port 29500 or, when it is
-/// taken, another free one, and two jobs starting at the same instant can both pick 29500.
+/// Two-rank jobs in this file run one at a time: each is two busy processes, and the killed-rank
+/// test times its watchdog, which a second job on the 2-core machine would distort.
 static ONE_JOB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/train")
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rustspeed-zero-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn write_config(dir: &Path, stage: u8) -> PathBuf {
     let path = dir.join("ds.json");
@@ -35,8 +27,8 @@ fn write_config(dir: &Path, stage: u8) -> PathBuf {
 }
 
 fn train_args(ds: &Path, out: &Path, max_steps: &str, save_steps: &str) -> Vec<String> {
-    let model = golden().join("model");
-    let data = golden().join("text.jsonl");
+    let model = train_golden().join("model");
+    let data = train_golden().join("text.jsonl");
     [
         "train",
         "--model",

@@ -50,7 +50,7 @@ pub struct Args {
     /// Address of rank 0's rendezvous store (default: 127.0.0.1 on one node, else the first host).
     #[arg(long, value_name = "ADDR")]
     pub master_addr: Option<String>,
-    /// Port of rank 0's rendezvous store (default 29500; on one node a free port if 29500 is taken).
+    /// Port of rank 0's rendezvous store (default: a free port on one node, 29500 across nodes).
     #[arg(long, value_name = "PORT")]
     pub master_port: Option<u16>,
     /// How to start the ranks: local on one node, ssh on several (default), or mpi / slurm.
@@ -272,17 +272,13 @@ fn usage(e: LaunchError) -> anyhow::Error {
     UsageError(e.to_string()).into()
 }
 
-/// 29500 when it is free here, else any free port (two jobs on one machine must not share a
-/// store; naming --master-port explicitly disables this).
+/// On one node the store's port is internal to the job, so it is one the kernel hands out as
+/// free (not 29500): two jobs started at the same instant on one machine cannot collide, as
+/// they could with "29500 if it looks free". Naming --master-port explicitly disables this.
 fn local_port() -> u16 {
-    if std::net::TcpListener::bind(("0.0.0.0", DEFAULT_MASTER_PORT)).is_ok() {
-        return DEFAULT_MASTER_PORT;
-    }
-    let port = std::net::TcpListener::bind(("0.0.0.0", 0))
+    std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
-        .map_or(DEFAULT_MASTER_PORT, |a| a.port());
-    eprintln!("rustspeed launch: port {DEFAULT_MASTER_PORT} is in use, using MASTER_PORT={port}");
-    port
+        .map_or(DEFAULT_MASTER_PORT, |a| a.port())
 }
 
 /// Variables passed on to remote ranks: RUSTSPEED_*, NCCL_* and OMP_NUM_THREADS from this
