@@ -30,12 +30,11 @@ pub struct KeyInfo {
     pub default: &'static str,
     pub status: Status,
     pub description: &'static str,
-    /// Values of a `Planned` key that are nevertheless not supported (e.g. nvme offload).
+    /// Values of a key that are nevertheless not supported (e.g. nvme offload).
     pub unsupported_values: &'static [&'static str],
 }
 
 const I: Status = Status::Implemented;
-const P5: Status = Status::Planned(5);
 const P6: Status = Status::Planned(6);
 const NS: Status = Status::NotSupported;
 
@@ -173,19 +172,19 @@ pub static KEYS: &[KeyInfo] = &[
     k("dump_state", "false", NS, "print the engine state after initialisation"),
     k("prescale_gradients", "false", P6, "divide gradients before the all-reduce"),
     k("gradient_predivide_factor", "1.0", P6, "divide gradients by this before the all-reduce"),
-    k("gradient_allreduce_op", "\"mean\"", P6, "mean or sum (case-insensitive); sum is refused with ZeRO 3"),
+    k("gradient_allreduce_op", "\"mean\"", I, "mean or sum (case-insensitive); sum is refused with ZeRO 3"),
     k("communication_data_type", "null", NS, "dtype of gradient communication"),
     k("seq_parallel_communication_data_type", "\"fp32\"", NS, "dtype of sequence-parallel communication"),
     k("sparse_gradients", "false", NS, "sparse embedding gradients"),
-    k("dataloader_drop_last", "false", P5, "drop the last incomplete batch"),
+    k("dataloader_drop_last", "false", I, "drop the last incomplete batch"),
     k("managed_gradient_accumulation", "true", NS, "false: every step() is an accumulation boundary"),
     k("sequence_parallel_size", "1", NS, "Ulysses sequence parallelism (divides the data-parallel world)"),
     k("disable_allgather", "false", NS, "legacy: skip the parameter all-gather"),
     k("use_data_before_expert_parallelism", "false", NS, "MoE group ordering"),
     k("allgather_size", "5e8", P6, "legacy bucket size used with \"zero_optimization\": true"),
     // ZeRO (REFERENCE §1.1, §1.7).
-    k("zero_optimization", "null", P6, "ZeRO block; legacy true means stage 1"),
-    k("zero_optimization.stage", "0", P6, "0 off, 1 optimizer states, 2 + gradients, 3 + parameters"),
+    k("zero_optimization", "null", I, "ZeRO block; legacy true means stage 1"),
+    k("zero_optimization.stage", "0", I, "0 off, 1 optimizer states, 2 + gradients, 3 + parameters (3 over several ranks: not supported yet)"),
     k("zero_optimization.contiguous_gradients", "true", P6, "copy gradients into a contiguous buffer"),
     k("zero_optimization.reduce_scatter", "true", P6, "reduce-scatter instead of all-reduce"),
     k("zero_optimization.reduce_bucket_size", "5e8", P6, "elements per gradient reduce bucket"),
@@ -220,14 +219,14 @@ pub static KEYS: &[KeyInfo] = &[
     k("zero_optimization.override_module_apply", "true", NS, "stage 3: gather params in module.apply"),
     k("zero_optimization.log_trace_cache_warnings", "false", NS, "stage 3 trace cache warnings"),
     k("zero_optimization.enable_sanity_checks", "false", NS, "stage 3 sanity checks"),
-    k("zero_optimization.cpu_offload", "false", P5, "deprecated: offload_optimizer.device cpu"),
+    k("zero_optimization.cpu_offload", "false", I, "deprecated: offload_optimizer.device cpu"),
     k("zero_optimization.cpu_offload_param", "false", NS, "deprecated: offload_param.device cpu"),
-    k("zero_optimization.cpu_offload_use_pin_memory", "false", P5, "deprecated: pin_memory of the offload blocks"),
-    k("zero_optimization.offload_optimizer", "null", P5, "optimizer state offload block"),
-    kv("zero_optimization.offload_optimizer.device", "\"none\"", P5, "none, cpu or nvme (nvme: not supported yet)", &["nvme"]),
+    k("zero_optimization.cpu_offload_use_pin_memory", "false", I, "deprecated: pin_memory of the offload blocks"),
+    k("zero_optimization.offload_optimizer", "null", I, "optimizer state offload block"),
+    kv("zero_optimization.offload_optimizer.device", "\"none\"", I, "none, cpu or nvme (nvme: not supported yet)", &["nvme"]),
     k("zero_optimization.offload_optimizer.nvme_path", "null", NS, "NVMe directory for offload"),
     k("zero_optimization.offload_optimizer.buffer_count", "4", NS, "NVMe swap buffers"),
-    k("zero_optimization.offload_optimizer.pin_memory", "true", P5, "page-locked host buffers (CPU backend: host memory already)"),
+    k("zero_optimization.offload_optimizer.pin_memory", "true", I, "page-locked host buffers (CPU backend: host memory already)"),
     k("zero_optimization.offload_optimizer.pipeline_read", "false", NS, "NVMe read pipelining"),
     k("zero_optimization.offload_optimizer.pipeline_write", "false", NS, "NVMe write pipelining"),
     k("zero_optimization.offload_optimizer.fast_init", "false", NS, "fast NVMe initialisation"),

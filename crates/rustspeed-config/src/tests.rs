@@ -669,9 +669,8 @@ fn unsupported_keys_are_those_set_to_non_defaults() {
         ]
     );
     let planned = cfg.planned_keys();
-    assert!(planned
-        .iter()
-        .any(|(k, i)| k == "zero_optimization.stage" && *i == 6));
+    // Stages 0-2 run over ranks (issue 6); stage 3 is refused by the engine, not the table.
+    assert!(!planned.iter().any(|(k, _)| k == "zero_optimization.stage"));
     // fp16 loss scaling is implemented by the engine (issue 4): neither planned nor refused.
     assert!(!planned.iter().any(|(k, _)| k == "fp16.loss_scale_window"));
     let cfg = resolve_text(&with(

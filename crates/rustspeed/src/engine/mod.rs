@@ -219,6 +219,14 @@ impl<T: Float> Engine<T> {
                     "ZeRO stage 3 over several ranks (issue 6); use stage 0-2".into(),
                 ));
             }
+            // They change the arithmetic of the reduction; ignoring them would train differently
+            // than asked.
+            if config.prescale_gradients || config.gradient_predivide_factor != 1.0 {
+                return Err(EngineError::NotSupported(
+                    "prescale_gradients / gradient_predivide_factor over several ranks (issue 6)"
+                        .into(),
+                ));
+            }
         }
         if comm.is_none() && config.zero_stage() > 0 {
             tracing::warn!(
