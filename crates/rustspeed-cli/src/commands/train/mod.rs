@@ -267,11 +267,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ..targs.clone()
             })?,
         };
-        let per_epoch = steps_per_epoch(
+        // HF's `len(dataloader) // GAS`, rounded up unless the short last batch is dropped:
+        // the data order's own count (shuffling does not change it).
+        let per_epoch = rustspeed_data::DataOrder {
             num_samples,
-            probe.train_batch_size() as usize,
-            probe.dataloader_drop_last,
-        );
+            seed: args.seed,
+            shuffle: false,
+            drop_last: probe.dataloader_drop_last,
+        }
+        .steps_per_epoch(probe.train_batch_size() as usize);
         targs.max_steps = Some(((per_epoch as f64 * args.num_train_epochs).ceil() as u64).max(1));
     }
     let mut config = resolve_with(&targs)?;
@@ -327,16 +331,6 @@ fn relaunch(n: usize) -> anyhow::Result<()> {
     } else {
         // The launcher has already said which rank failed and why.
         std::process::exit(status.code().unwrap_or(1));
-    }
-}
-
-/// Optimizer steps per epoch: HF's `len(dataloader) // GAS`, rounded up unless the short last
-/// batch is dropped.
-fn steps_per_epoch(num_samples: usize, global: usize, drop_last: bool) -> usize {
-    if drop_last {
-        num_samples / global
-    } else {
-        num_samples.div_ceil(global)
     }
 }
 
