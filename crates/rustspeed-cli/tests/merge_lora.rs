@@ -129,32 +129,26 @@ fn merge_lora_equals_train_merge() {
     .unwrap();
     let out = dir.join("run");
     let data = train_golden.join("text.jsonl");
-    assert_ok(&rustspeed(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--deepspeed",
-        ds.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "2",
-        "--save-steps",
-        "0",
-        "--block-size",
-        "16",
-        "--warmup-steps",
-        "1",
-        "--lora-r",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lora-target-modules",
-        "c_attn,c_proj,c_fc",
-        "--merge",
-    ]));
+    assert_ok(&run_args(&with(
+        train_args(&model, &data, &ds, &out),
+        &[
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "0",
+            "--block-size",
+            "16",
+            "--warmup-steps",
+            "1",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-target-modules",
+            "c_attn,c_proj,c_fc",
+            "--merge",
+        ],
+    )));
     let standalone = dir.join("standalone");
     assert_ok(&merge(&model, &out.join("final"), &standalone, None));
     let a = tensors(&out.join("merged/model.safetensors"));

@@ -45,43 +45,32 @@ fn inputs(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn train(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
-    let model = model_dir();
-    let mut args: Vec<&str> = vec![
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--deepspeed",
-        ds.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--per-device-train-batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "2",
-        "--learning-rate",
-        "1e-3",
-        "--weight-decay",
-        "0.01",
-        "--max-grad-norm",
-        "1.0",
-        "--warmup-steps",
-        "2",
-        "--max-steps",
-        "6",
-        "--block-size",
-        "16",
-        "--logging-steps",
-        "2",
-        "--save-steps",
-        "3",
-    ];
-    args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args(&args)
-        .output()
-        .unwrap()
+    let args = with(
+        train_args(&model_dir(), data, ds, out),
+        &[
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--weight-decay",
+            "0.01",
+            "--max-grad-norm",
+            "1.0",
+            "--warmup-steps",
+            "2",
+            "--max-steps",
+            "6",
+            "--block-size",
+            "16",
+            "--logging-steps",
+            "2",
+            "--save-steps",
+            "3",
+        ],
+    );
+    run_args(&with(args, extra))
 }
 
 #[test]
@@ -354,38 +343,29 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
     let out = dir.join("out");
     let model = model_dir();
     let base = |out: &Path, steps: &str| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--deepspeed",
-            ds.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--per-device-train-batch-size",
-            "2",
-            "--gradient-accumulation-steps",
-            "1",
-            "--learning-rate",
-            "1e-3",
-            "--weight-decay",
-            "0",
-            "--max-grad-norm",
-            "1.0",
-            "--lr-scheduler-type",
-            "constant",
-            "--block-size",
-            "16",
-            "--save-steps",
-            "0",
-            "--max-steps",
-            steps,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        with(
+            train_args(&model, &data, &ds, out),
+            &[
+                "--per-device-train-batch-size",
+                "2",
+                "--gradient-accumulation-steps",
+                "1",
+                "--learning-rate",
+                "1e-3",
+                "--weight-decay",
+                "0",
+                "--max-grad-norm",
+                "1.0",
+                "--lr-scheduler-type",
+                "constant",
+                "--block-size",
+                "16",
+                "--save-steps",
+                "0",
+                "--max-steps",
+                steps,
+            ],
+        )
     };
     let child = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
         .args(base(&out, "100000"))
@@ -450,17 +430,9 @@ fn trains_from_a_gguf_file_and_exports_an_hf_directory() {
     let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../rustspeed-models/tests/golden/gguf/llama.gguf");
     let out = dir.join("out");
-    let result = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args([
-            "train",
-            "--model",
-            gguf.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--deepspeed",
-            ds.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
+    let result = run_args(&with(
+        train_args(&gguf, &data, &ds, &out),
+        &[
             "--per-device-train-batch-size",
             "2",
             "--gradient-accumulation-steps",
@@ -475,9 +447,8 @@ fn trains_from_a_gguf_file_and_exports_an_hf_directory() {
             "8",
             "--save-steps",
             "0",
-        ])
-        .output()
-        .unwrap();
+        ],
+    ));
     assert_ok(&result);
     assert_eq!(metrics(&out).len(), 2);
     let exported = rustspeed_models::loader::load_model::<f32>(&out.join("final")).unwrap();

@@ -47,36 +47,30 @@ fn packed_text_run_matches_pytorch_with_hf_trainer_defaults() {
     let s = |k: &str| r[k].to_string();
     let model = train_golden().join("model");
     let data = train_golden().join("text.jsonl");
-    let result = rustspeed(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--deepspeed",
-        ds.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--no-shuffle",
-        "--per-device-train-batch-size",
-        &s("micro"),
-        "--gradient-accumulation-steps",
-        &s("gas"),
-        "--learning-rate",
-        &s("lr"),
-        "--weight-decay",
-        &s("weight_decay"),
-        "--max-grad-norm",
-        &s("max_grad_norm"),
-        "--warmup-steps",
-        &s("warmup_steps"),
-        "--max-steps",
-        &s("max_steps"),
-        "--block-size",
-        &s("block_size"),
-        "--save-steps",
-        "0",
-    ]);
+    let result = run_args(&with(
+        train_args(&model, &data, &ds, &out),
+        &[
+            "--no-shuffle",
+            "--per-device-train-batch-size",
+            &s("micro"),
+            "--gradient-accumulation-steps",
+            &s("gas"),
+            "--learning-rate",
+            &s("lr"),
+            "--weight-decay",
+            &s("weight_decay"),
+            "--max-grad-norm",
+            &s("max_grad_norm"),
+            "--warmup-steps",
+            &s("warmup_steps"),
+            "--max-steps",
+            &s("max_steps"),
+            "--block-size",
+            &s("block_size"),
+            "--save-steps",
+            "0",
+        ],
+    ));
     assert_ok(&result);
     let got = metrics(&out);
     let want = expected["steps"].as_array().unwrap();
@@ -171,25 +165,18 @@ fn chat_masks_match_transformers_assistant_masks() {
 
 fn short_run(data: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Output {
     let model = train_golden().join("model");
-    let mut args = vec![
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--deepspeed",
-        ds.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "2",
-        "--save-steps",
-        "0",
-        "--block-size",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    rustspeed(&args)
+    let args = with(
+        train_args(&model, data, ds, out),
+        &[
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "0",
+            "--block-size",
+            "16",
+        ],
+    );
+    run_args(&with(args, extra))
 }
 
 #[test]

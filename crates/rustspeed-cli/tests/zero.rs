@@ -26,32 +26,24 @@ fn write_config(dir: &Path, stage: u8) -> PathBuf {
     path
 }
 
-fn train_args(ds: &Path, out: &Path, max_steps: &str, save_steps: &str) -> Vec<String> {
+/// Two ranks on the golden tiny GPT-2, file order.
+fn two_rank_args(ds: &Path, out: &Path, max_steps: &str, save_steps: &str) -> Vec<String> {
     let model = train_golden().join("model");
     let data = train_golden().join("text.jsonl");
-    [
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--deepspeed",
-        ds.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        max_steps,
-        "--save-steps",
-        save_steps,
-        "--block-size",
-        "16",
-        "--no-shuffle",
-        "--nproc-per-node",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    with(
+        train_args(&model, &data, ds, out),
+        &[
+            "--max-steps",
+            max_steps,
+            "--save-steps",
+            save_steps,
+            "--block-size",
+            "16",
+            "--no-shuffle",
+            "--nproc-per-node",
+            "2",
+        ],
+    )
 }
 
 /// Every process as (pid, parent pid).
@@ -103,7 +95,7 @@ fn a_killed_rank_stops_the_job_with_the_watchdog_message() {
     let ds = write_config(&dir, 2);
     let out = dir.join("out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args(train_args(&ds, &out, "100000", "0"))
+        .args(two_rank_args(&ds, &out, "100000", "0"))
         .env("RUSTSPEED_COMM_TIMEOUT", TIMEOUT_S.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -191,7 +183,7 @@ fn zero_to_fp32_of_a_two_rank_checkpoint_gives_the_exported_weights() {
     let ds = write_config(&dir, 2);
     let out = dir.join("out");
     let run = Command::new(env!("CARGO_BIN_EXE_rustspeed"))
-        .args(train_args(&ds, &out, "2", "2"))
+        .args(two_rank_args(&ds, &out, "2", "2"))
         .output()
         .unwrap();
     assert!(

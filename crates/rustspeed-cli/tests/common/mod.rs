@@ -49,3 +49,33 @@ pub fn metrics(out: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `rustspeed train` with its four required flags; tests append the rest.
+pub fn train_args(model: &Path, data: &Path, ds: &Path, out: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    vec![
+        "train".into(),
+        "--model".into(),
+        path(model),
+        "--data".into(),
+        path(data),
+        "--deepspeed".into(),
+        path(ds),
+        "--output-dir".into(),
+        path(out),
+    ]
+}
+
+/// Appends string flags to an argument list.
+pub fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Runs `rustspeed` with owned arguments.
+pub fn run_args(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rustspeed"))
+        .args(args)
+        .output()
+        .unwrap()
+}
