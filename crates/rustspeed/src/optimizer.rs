@@ -293,6 +293,22 @@ pub const DECAY_GROUP: usize = 0;
 pub const NO_DECAY_GROUP: usize = 1;
 
 impl FlatLayout {
+    /// The pieces of flat range `range` that the segments cover, each as (segment, flat range,
+    /// model range): where a partition's values live in the model's parameter buffer.
+    pub fn pieces(
+        &self,
+        range: Range<usize>,
+    ) -> impl Iterator<Item = (&Segment, Range<usize>, Range<usize>)> + '_ {
+        self.segments.iter().filter_map(move |seg| {
+            let start = seg.flat.start.max(range.start);
+            let end = seg.flat.end.min(range.end);
+            (start < end).then(|| {
+                let m = seg.model_offset + (start - seg.flat.start);
+                (seg, start..end, m..m + (end - start))
+            })
+        })
+    }
+
     pub fn new(layout: &ParamLayout, rule: &DecayRule) -> FlatLayout {
         let mut params: Vec<FlatParam> = Vec::new();
         let mut segments: Vec<Segment> = Vec::new();
@@ -427,15 +443,9 @@ impl OptimizerState {
     ) -> Result<(), OptimizerError> {
         self.step += 1;
         let (lo, hi) = (self.partition.start, self.partition.end);
-        for seg in &flat.segments {
-            let start = seg.flat.start.max(lo);
-            let end = seg.flat.end.min(hi);
-            if start >= end {
-                continue;
-            }
+        for (seg, piece, model) in flat.pieces(lo..hi) {
+            let (start, end) = (piece.start, piece.end);
             let local = start - lo..end - lo;
-            let model = seg.model_offset + (start - seg.flat.start)
-                ..seg.model_offset + (end - seg.flat.start);
             let tensor_lens = cut_tensors(&seg.tensor_lens, start - seg.flat.start, end - start);
             let (params, out) = match &mut weights {
                 Weights::F32(p) => (&mut p[model], HalfOut::None),

@@ -108,21 +108,21 @@ impl DataParallel {
         let piece = self.padded / self.world();
         let mine = self.partition(flat.numel);
         let mut send = vec![0f32; piece];
-        for_each_segment(flat, mine.clone(), |f, m| {
+        for (_, f, m) in flat.pieces(mine.clone()) {
             for (d, s) in send[f.start - mine.start..f.end - mine.start]
                 .iter_mut()
                 .zip(&params[m])
             {
                 *d = s.to_f32();
             }
-        });
+        }
         let mut all = vec![0f32; self.padded];
         self.comm.all_gather(&send, &mut all)?;
-        for_each_segment(flat, 0..flat.numel, |f, m| {
+        for (_, f, m) in flat.pieces(0..flat.numel) {
             for (d, s) in params[m].iter_mut().zip(&all[f]) {
                 *d = T::from_f32(*s);
             }
-        });
+        }
         Ok(())
     }
 
@@ -138,22 +138,5 @@ impl DataParallel {
         let mut v = [x as f32];
         self.comm.all_reduce(&mut v, ReduceOp::Sum)?;
         Ok(v[0].round() as u64)
-    }
-}
-
-/// Calls `f(flat_range, model_range)` for the pieces of `range` (flat coordinates) that the
-/// segments map to the model's parameter buffer.
-fn for_each_segment(
-    flat: &FlatLayout,
-    range: Range<usize>,
-    mut f: impl FnMut(Range<usize>, Range<usize>),
-) {
-    for seg in &flat.segments {
-        let start = seg.flat.start.max(range.start);
-        let end = seg.flat.end.min(range.end);
-        if start < end {
-            let m = seg.model_offset + (start - seg.flat.start);
-            f(start..end, m..m + (end - start));
-        }
     }
 }

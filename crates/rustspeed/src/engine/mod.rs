@@ -255,12 +255,10 @@ impl<T: Float> Engine<T> {
             Vec::new()
         } else {
             let mut m = vec![0.0f32; partition.len()];
-            for p in &flat.params {
-                let lo = p.flat.start.max(partition.start);
-                let hi = p.flat.end.min(partition.end);
-                for i in lo..hi {
-                    m[i - partition.start] =
-                        model.params[p.model_offset + (i - p.flat.start)].to_f32();
+            for (_, f, range) in flat.pieces(partition.clone()) {
+                let dst = &mut m[f.start - partition.start..f.end - partition.start];
+                for (d, s) in dst.iter_mut().zip(&model.params[range]) {
+                    *d = s.to_f32();
                 }
             }
             m
