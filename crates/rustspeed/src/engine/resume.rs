@@ -285,7 +285,7 @@ impl<T: Float> Engine<T> {
     /// at any stage (the flat layout is the same; only the cut differs).
     fn read_partition(&self, tag_dir: &Path) -> Result<Partition, EngineError> {
         let first = tag_dir.join(optim_states_file(0));
-        let first_bytes = checkpoint::read_file(&first)?;
+        let mut first_bytes = checkpoint::read_file(&first)?;
         let info = checkpoint::metadata(&first_bytes, &first)?;
         let field = |info: &HashMap<String, String>, key: &str, path: &Path| {
             info.get(key)
@@ -307,7 +307,7 @@ impl<T: Float> Engine<T> {
         for r in 0..count {
             let path = tag_dir.join(optim_states_file(r as u64));
             let bytes = if r == 0 {
-                first_bytes.clone()
+                std::mem::take(&mut first_bytes)
             } else {
                 checkpoint::read_file(&path)?
             };
