@@ -10,8 +10,10 @@
 
 use rayon::prelude::*;
 
+use crate::bf16_gemm;
 use crate::dtype::Float;
-use crate::matmul::matmul;
+use crate::matmul::{as_bf16, convert_into, matmul};
+use half::bf16;
 
 /// PyTorch's default `ignore_index`, which HF uses for padding and prompt positions.
 pub const IGNORE_INDEX: i64 = -100;
@@ -255,21 +257,44 @@ fn fused<T: Float, G: Float, L: Label>(
     let count = check_labels(labels, v)?;
     let chunk = chunk_rows(v);
     let need = chunk.min(n) * v;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
+    // The bf16 path's dlogits live after the f32 logits, in the same reused scratch.
+    let bf16_grads = grads.is_some() && as_bf16(weight).is_some() && bf16_gemm::available();
+    let extra = if bf16_grads { need.div_ceil(2) } else { 0 };
+    if scratch.len() < need + extra {
+        scratch.resize(need + extra, 0.0);
     }
+    let (logits_buf, tail) = scratch.split_at_mut(need);
+    // SAFETY: `tail` holds at least need/2 f32s = `need` bf16s, and bf16's alignment (2) divides
+    // f32's; the two views do not overlap.
+    let scratch16: &mut [bf16] = if bf16_grads {
+        unsafe { std::slice::from_raw_parts_mut(tail.as_mut_ptr().cast::<bf16>(), need) }
+    } else {
+        &mut []
+    };
     let want_grad = grads.is_some().then_some(grad_scale);
     let mut nll_sum = 0f64;
     for r0 in (0..n).step_by(chunk) {
         let m = chunk.min(n - r0);
         let (h_chunk, l_chunk) = (&h[r0 * c..(r0 + m) * c], &labels[r0..r0 + m]);
-        let logits = &mut scratch[..m * v];
+        let logits = &mut logits_buf[..m * v];
         matmul(logits, h_chunk, weight, m, c, v, false, true, false);
         nll_sum += rows_loss(logits, l_chunk, v, want_grad);
         if let Some((dh, dweight)) = grads.as_mut() {
             let dh_chunk = &mut dh[r0 * c..(r0 + m) * c];
             if l_chunk.iter().all(|l| l.as_i64() == IGNORE_INDEX) {
                 dh_chunk.fill(T::from_f32(0.0));
+                continue;
+            }
+            // bf16 operands: round dlogits to bf16 too (as PyTorch's bf16 backward does), so
+            // both gradient matmuls run on `vdpbf16ps` instead of converting W to f32 per chunk.
+            if let (Some(w16), true) = (as_bf16(weight), bf16_grads) {
+                let d16 = &mut scratch16[..m * v];
+                convert_into(d16, logits);
+                let h16 = as_bf16(h_chunk).expect("h has the weight's dtype");
+                matmul(dh_chunk, &*d16, w16, m, v, c, false, false, false);
+                if let Some(dw) = dweight.as_deref_mut() {
+                    matmul(dw, &*d16, h16, v, m, c, true, false, true);
+                }
                 continue;
             }
             let dlogits = &*logits;
@@ -396,7 +421,6 @@ pub fn lm_head_logits<T: Float>(
 mod tests {
     use super::*;
     use crate::testing::*;
-    use half::bf16;
 
     /// NLL of each row in f64, NaN-free for moderate logits.
     fn naive_nll(logits: &[f32], labels: &[i64], v: usize) -> (f64, usize) {
@@ -654,50 +678,78 @@ mod tests {
             &mut scratch,
         )
         .unwrap();
-        // bf16 inputs are exact in f32; only dh's final rounding differs.
+        // bf16 inputs are exact in f32, so the loss is the f32 one.
         assert!(
             (s16.nll_sum - s32.nll_sum).abs() < 1e-5 * s32.nll_sum,
             "{s16:?} vs {s32:?}"
         );
         let f64s = |x: &[f32]| x.iter().map(|v| *v as f64).collect::<Vec<_>>();
         assert_close("bf16 dh", &f(&dh), &f64s(&dh32), 1e-2);
-        assert_close("bf16 dweight (f32)", &dw, &f64s(&dw32), 1e-5);
+        if !crate::bf16_gemm::available() {
+            // Without vdpbf16ps dlogits stay f32: dW is the f32 one up to summation order.
+            assert_close("bf16 dweight (f32)", &dw, &f64s(&dw32), 1e-5);
+            return;
+        }
+        // With vdpbf16ps dlogits are rounded to bf16 (as PyTorch's bf16 backward): dW is
+        // exactly round_bf16(dlogits)^T · h, summed in f32.
+        let hf = f(&h);
+        let mut dlogits = vec![0f32; n * v];
+        let logits = naive_logits(&hf, &f(&w), n, c, v);
+        softmax_cross_entropy_backward(&mut dlogits, &logits, &labels, n, v, 0.2).unwrap();
+        let mut want = vec![0f64; v * c];
+        for r in 0..n {
+            for j in 0..v {
+                let d = bf16::from_f32(dlogits[r * v + j]).to_f32() as f64;
+                for k in 0..c {
+                    want[j * c + k] += d * hf[r * c + k] as f64;
+                }
+            }
+        }
+        assert_close("bf16 dweight (f32)", &dw, &want, 1e-5);
+        // ... which is within bf16's rounding of the f32 gradient.
+        assert_close("bf16 dweight vs f32", &dw, &f64s(&dw32), 1e-2);
     }
 
-    /// Times the fused GPT-2 head (rows 512, c 768, vocab 50257) forward + backward.
+    /// Times the fused GPT-2 head (rows 512, c 768, vocab 50257) forward + backward, f32 and bf16.
     /// `cargo test -p rustspeed-kernels --release -- --ignored lm_head_throughput --nocapture`
     #[test]
     #[ignore]
     fn lm_head_throughput() {
-        let mut rng = Rng::new(66);
-        let (n, c, v) = (512, 768, 50257);
-        let h = rng.vec(n * c, 1.0);
-        let w = rng.vec(v * c, 0.02);
-        let labels: Vec<i64> = (0..n).map(|_| rng.below(v) as i64).collect();
-        let (mut dh, mut dw, mut scratch) = (vec![0f32; n * c], vec![0f32; v * c], Vec::new());
-        let flops = 3.0 * 2.0 * (n * c * v) as f64;
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let s = lm_head_cross_entropy(
-                &mut dh,
-                Some(&mut dw),
-                &h,
-                &w,
-                &labels,
-                n,
-                c,
-                v,
-                1.0 / n as f32,
-                &mut scratch,
-            )
-            .unwrap();
-            let dt = t.elapsed().as_secs_f64();
-            println!(
-                "lm head f32: {:.1} ms, {:.1} GFLOP/s, loss {:.3}",
-                dt * 1e3,
-                flops / dt / 1e9,
-                s.mean()
-            );
+        fn run<T: Float>(what: &str, rng: &mut Rng) {
+            let (n, c, v) = (512, 768, 50257);
+            let cast = |x: Vec<f32>| x.into_iter().map(T::from_f32).collect::<Vec<T>>();
+            let h = cast(rng.vec(n * c, 1.0));
+            let w = cast(rng.vec(v * c, 0.02));
+            let labels: Vec<i64> = (0..n).map(|_| rng.below(v) as i64).collect();
+            let mut dh = vec![T::from_f32(0.0); n * c];
+            let (mut dw, mut scratch) = (vec![0f32; v * c], Vec::new());
+            let flops = 3.0 * 2.0 * (n * c * v) as f64;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                let s = lm_head_cross_entropy(
+                    &mut dh,
+                    Some(&mut dw),
+                    &h,
+                    &w,
+                    &labels,
+                    n,
+                    c,
+                    v,
+                    1.0 / n as f32,
+                    &mut scratch,
+                )
+                .unwrap();
+                let dt = t.elapsed().as_secs_f64();
+                println!(
+                    "lm head {what}: {:.1} ms, {:.1} GFLOP/s, loss {:.3}",
+                    dt * 1e3,
+                    flops / dt / 1e9,
+                    s.mean()
+                );
+            }
         }
+        let mut rng = Rng::new(66);
+        run::<f32>("f32", &mut rng);
+        run::<bf16>("bf16", &mut rng);
     }
 }
