@@ -252,11 +252,11 @@ fn every_user_config_trains() {
     }
 }
 
-/// `--nproc-per-node 2` (the launcher, shared-memory collectives, ZeRO-2) trains like one
-/// process: same losses, grad norms and lrs step by step; rank 0 alone writes the outputs.
-#[test]
-fn two_ranks_at_stage_2_train_like_one_process() {
-    let dir = tempdir("ranks");
+/// Runs the tiny model for two steps with one process and with `--nproc-per-node 2` under
+/// `zero` (a `zero_optimization` block) and asserts the same losses, grad norms and lrs step by
+/// step, rank 0 alone writing the outputs. Returns the two output directories.
+fn assert_two_ranks_train_like_one(name: &str, zero: Value, extra: &[&str]) -> [PathBuf; 2] {
+    let dir = tempdir(name);
     let ds = write_config(
         &dir,
         serde_json::json!({
@@ -264,19 +264,21 @@ fn two_ranks_at_stage_2_train_like_one_process() {
             "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
             "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": 2}
+            "zero_optimization": zero
         }),
     );
     let data = train_golden().join("text.jsonl");
+    let outs = [dir.join("out-1"), dir.join("out-2")];
     let runs: Vec<Vec<Value>> = [None, Some("2")]
         .iter()
-        .map(|ranks| {
-            let out = dir.join(format!("out-{}", ranks.unwrap_or("1")));
-            let mut extra = vec!["--no-shuffle", "--warmup-steps", "1"];
+        .zip(&outs)
+        .map(|(ranks, out)| {
+            let mut flags = vec!["--no-shuffle", "--warmup-steps", "1"];
+            flags.extend(extra);
             if let Some(n) = ranks {
-                extra.extend(["--nproc-per-node", n]);
+                flags.extend(["--nproc-per-node", n]);
             }
-            let result = short_run(&data, &ds, &out, &extra);
+            let result = short_run(&data, &ds, out, &flags);
             assert_ok(&result);
             if ranks.is_some() {
                 let stderr = String::from_utf8_lossy(&result.stderr);
@@ -285,8 +287,7 @@ fn two_ranks_at_stage_2_train_like_one_process() {
                     "{stderr}"
                 );
             }
-            assert!(out.join("final/config.json").is_file());
-            metrics(&out)
+            metrics(out)
         })
         .collect();
     assert_eq!(runs[0].len(), 2);
@@ -298,8 +299,63 @@ fn two_ranks_at_stage_2_train_like_one_process() {
                 b[key].as_f64().unwrap(),
                 a[key].as_f64().unwrap(),
                 1e-5,
-                &format!("step {} {key}", a["step"]),
+                &format!("{name}: step {} {key}", a["step"]),
             );
+        }
+    }
+    outs
+}
+
+/// `--nproc-per-node 2` (the launcher, shared-memory collectives, ZeRO-2) trains like one
+/// process.
+#[test]
+fn two_ranks_at_stage_2_train_like_one_process() {
+    let outs = assert_two_ranks_train_like_one("ranks", serde_json::json!({"stage": 2}), &[]);
+    for out in outs {
+        assert!(out.join("final/config.json").is_file());
+    }
+}
+
+/// LoRA and QLoRA under ZeRO over two ranks: only the adapters are in the flat buffer that the
+/// ranks partition; the saved adapters equal the single process's.
+#[test]
+fn lora_and_qlora_over_two_ranks_train_like_one_process() {
+    let lora = ["--lora-r", "4", "--lora-target-modules", "c_attn,c_fc"];
+    for (name, stage, quant) in [("lora-ranks", 1, None), ("qlora-ranks", 2, Some("nf4"))] {
+        let mut flags = lora.to_vec();
+        if let Some(q) = quant {
+            flags.extend(["--quantize", q, "--double-quant"]);
+        }
+        let outs =
+            assert_two_ranks_train_like_one(name, serde_json::json!({"stage": stage}), &flags);
+        let [one, two] = outs.map(|o| {
+            let bytes = std::fs::read(o.join("final/adapter_model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut t: Vec<(String, Vec<f32>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| {
+                    assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+                    let f = v
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect();
+                    (k, f)
+                })
+                .collect();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        });
+        assert_eq!(one.len(), two.len(), "{name}: adapter tensors");
+        assert!(!one.is_empty());
+        for ((k, a), (_, b)) in one.iter().zip(&two) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+                    "{name}: {k}: {x} vs {y}"
+                );
+            }
         }
     }
 }
