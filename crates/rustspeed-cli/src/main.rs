@@ -47,6 +47,7 @@ enum ConfigCommand {
 }
 
 fn main() {
+    rustspeed_kernels::alloc::retain_freed_memory();
     let cli = Cli::parse();
     logging::init(cli.verbose);
     let result = match cli.command {

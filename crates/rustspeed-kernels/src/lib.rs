@@ -4,6 +4,7 @@
 //! Storage types are `f32`, `half::bf16` and `half::f16` (see [`dtype::Float`]).
 
 pub mod activation;
+pub mod alloc;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod cross_entropy;

@@ -72,6 +72,8 @@ fn run<T: Float>(shape: &str, dtype: &str, b: usize, t: usize, steps: usize) {
 }
 
 fn main() {
+    // As the `rustspeed` binary does: step buffers are reused, not faulted in again every step.
+    rustspeed_kernels::alloc::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let shape = arg(0, "124m");

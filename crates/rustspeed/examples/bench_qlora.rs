@@ -176,6 +176,8 @@ fn run<T: Float>(base: &str, quant: Option<QuantConfig>, full: bool, steps: usiz
 }
 
 fn main() {
+    // As the `rustspeed` binary does: step buffers are reused, not faulted in again every step.
+    rustspeed_kernels::alloc::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let base = args.first().map_or("nf4", String::as_str);
     let steps: usize = args.get(1).map_or(3, |s| s.parse().expect("STEPS"));
