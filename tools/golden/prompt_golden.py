@@ -21,6 +21,10 @@ crates/rustspeed-models/tests/golden/<case>/:
   encoder.safetensors  (P-tuning, prefix projection) the trained parameters before the
                        encoder, under the same names
 
+and crates/rustspeed-cli/tests/golden/train/prompt_text_init.safetensors: PEFT's TEXT
+initialisation (`prompt_embeddings`) of a 6-token prompt from "the fox" on the CLI tests' tiny
+GPT-2 (tokens repeated to fill the prompt).
+
 --check DIR CASE: DIR holds an adapter written by rustspeed; PEFT loads it onto the case's base
 and must give the golden loss (so both the format and the values survived the round trip).
 """
@@ -108,6 +112,18 @@ def main():
               tuple(res.logits.shape), "trainable", trainable, "all", total)
 
 
+def text_init():
+    model_dir = os.path.join(HERE, "..", "..", "crates", "rustspeed-cli", "tests", "golden",
+                             "train", "model")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="the fox", tokenizer_name_or_path=model_dir))
+    w = model.prompt_encoder["default"].embedding.weight.detach().contiguous()
+    save_file({"prompt_embeddings": w},
+              os.path.join(model_dir, "..", "prompt_text_init.safetensors"))
+    print("text init", tuple(w.shape))
+
+
 def saved_loss(dir_, model_dir, ids, labels):
     model = PeftModel.from_pretrained(base(model_dir), dir_)
     model.eval()
@@ -130,3 +146,4 @@ if __name__ == "__main__":
         check(sys.argv[2], sys.argv[3])
     else:
         main()
+        text_init()

@@ -330,6 +330,11 @@ pub fn save_prompt_adapter<T: Float>(
     let mut out = cfg.clone();
     if let Some(base) = base_model_name_or_path {
         out.base_model_name_or_path = Some(base.to_string());
+        // PEFT refuses a TEXT config without a tokenizer; without one named, the base
+        // model's tokenized the text.
+        if out.init == PromptInit::Text && out.tokenizer_name_or_path.is_none() {
+            out.tokenizer_name_or_path = Some(base.to_string());
+        }
     }
     let text = serde_json::to_string_pretty(&out.to_json()).expect("JSON") + "\n";
     let config = dir.join(CONFIG_FILE);
