@@ -5,7 +5,8 @@ LLaMA (grouped-query: 4 heads, 2 KV heads) of crates/rustspeed-models/tests/gold
     /work/golden-venv/bin/python tools/golden/prompt_golden.py
     /work/golden-venv/bin/python tools/golden/prompt_golden.py --check DIR CASE
 
-For each case (prompt_*, ptuning_*, prefix_* and prefixproj_* for gpt2 and llama) it writes
+For each case (prompt_*, ptuning_* (MLP), ptuninglstm_*, prefix_* and prefixproj_* for gpt2 and
+llama) it writes
 crates/rustspeed-models/tests/golden/<case>/:
   adapter/             the PEFT adapter (save_pretrained): prompt_embeddings [n, width], the
                        encoder's output for P-tuning and the prefix projection
@@ -42,7 +43,7 @@ from transformers import AutoModelForCausalLM
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "..", "..", "crates", "rustspeed-models", "tests", "golden")
 B, T, N_VIRTUAL = 2, 10, 3
-CASES = {f"{m}_{b}": b for m in ["prompt", "ptuning", "prefix", "prefixproj"]
+CASES = {f"{m}_{b}": b for m in ["prompt", "ptuning", "ptuninglstm", "prefix", "prefixproj"]
          for b in ["gpt2", "llama"]}
 ENC_HIDDEN = 16
 
@@ -53,6 +54,9 @@ def peft_config(method):
         return PromptTuningConfig(prompt_tuning_init="RANDOM", **common)
     if method == "ptuning":
         return PromptEncoderConfig(encoder_reparameterization_type="MLP",
+                                   encoder_hidden_size=ENC_HIDDEN, **common)
+    if method == "ptuninglstm":
+        return PromptEncoderConfig(encoder_reparameterization_type="LSTM",
                                    encoder_hidden_size=ENC_HIDDEN, **common)
     if method == "prefix":
         return PrefixTuningConfig(**common)

@@ -97,7 +97,8 @@ type Case = (&'static str, Vec<String>, &'static str, [usize; 2], u64);
 fn each_method_trains_and_writes_a_peft_adapter() {
     let dir = tempdir("prompt-methods");
     // (tag, flags, peft_type, saved shape, PEFT's trainable parameter count on this model:
-    // n * d; + the MLP d->16->16->d; n * 2 layers * 2 * d; + the projection d->16->128).
+    // n * d; + the MLP d->16->16->d; + the LSTM and its MLP; n * 2 layers * 2 * d; + the
+    // projection d->16->128).
     let cases: Vec<Case> = vec![
         (
             "prompt",
@@ -122,6 +123,25 @@ fn each_method_trains_and_writes_a_peft_adapter() {
             "P_TUNING",
             [4, 32],
             128 + (32 * 16 + 16) + (16 * 16 + 16) + (16 * 32 + 32),
+        ),
+        (
+            "ptuninglstm",
+            vec![
+                "--peft-config".into(),
+                write(
+                    &dir,
+                    "ptuninglstm.json",
+                    serde_json::json!({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM",
+                        "num_virtual_tokens": 4, "encoder_hidden_size": 16,
+                        "encoder_reparameterization_type": "LSTM"}),
+                )
+                .display()
+                .to_string(),
+            ],
+            "P_TUNING",
+            [4, 32],
+            // 2 layers x 2 directions x (W_ih [64, 32] + W_hh [64, 16] + 2 biases [64]).
+            128 + 4 * (64 * 32 + 64 * 16 + 128) + 2 * (32 * 32 + 32),
         ),
         (
             "prefix",
@@ -280,7 +300,7 @@ fn what_prompt_learning_cannot_do_is_refused() {
         &dir,
         "lstm.json",
         serde_json::json!({"peft_type": "P_TUNING", "num_virtual_tokens": 4,
-            "encoder_reparameterization_type": "LSTM"}),
+            "encoder_reparameterization_type": "LSTM", "encoder_dropout": 0.1}),
     );
     for (tag, flags, says) in [
         (
@@ -317,7 +337,7 @@ fn what_prompt_learning_cannot_do_is_refused() {
 #[test]
 fn eval_with_pefts_prompt_adapters_gives_pefts_loss() {
     let dir = tempdir("prompt-eval");
-    for method in ["prompt", "ptuning", "prefix", "prefixproj"] {
+    for method in ["prompt", "ptuning", "ptuninglstm", "prefix", "prefixproj"] {
         for base in ["gpt2", "llama"] {
             let case = format!("{method}_{base}");
             let g = read_json(&models_golden(&case).join("golden.json"));

@@ -1,5 +1,5 @@
 //! PEFT's prompt learning against HF PEFT on the tiny GPT-2 and LLaMA (grouped-query) goldens
-//! from tools/golden/prompt_golden.py: prompt tuning, P-tuning (MLP encoder), prefix tuning
+//! from tools/golden/prompt_golden.py: prompt tuning, P-tuning (MLP and LSTM encoders), prefix tuning
 //! with and without the projection. From PEFT's trained parameters (its adapter, or its
 //! encoder's parameters) the logits (virtual positions included) and the loss are PEFT's, and
 //! so are the gradients of every trainable parameter; the trainable / all parameter counts are
@@ -272,6 +272,16 @@ fn llama_p_tuning_matches_peft() {
 }
 
 #[test]
+fn gpt2_p_tuning_lstm_matches_peft() {
+    check("ptuninglstm_gpt2");
+}
+
+#[test]
+fn llama_p_tuning_lstm_matches_peft() {
+    check("ptuninglstm_llama");
+}
+
+#[test]
 fn gpt2_prefix_tuning_matches_peft() {
     check("prefix_gpt2");
 }
@@ -307,8 +317,8 @@ fn batch_without_prefix_panics() {
 fn unimplemented_prompt_options_are_refused() {
     for (text, key) in [
         (
-            r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM"}"#,
-            "encoder_reparameterization_type",
+            r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM", "encoder_dropout": 0.1}"#,
+            "encoder_dropout",
         ),
         (
             r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": 2}"#,

@@ -5,6 +5,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod lstm;
 pub mod merge;
 pub mod prefix;
 pub mod prompt;

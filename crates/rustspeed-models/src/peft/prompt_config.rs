@@ -75,9 +75,12 @@ pub struct PromptTuningConfig {
     /// Prefix tuning `init_weights = "zero"`: the prefix (or the projection's last Linear)
     /// starts at zero.
     pub init_weights_zero: bool,
-    /// P-tuning: kept for the round trip (the MLP has 3 Linears whatever it says, as in PEFT).
+    /// P-tuning: `encoder_reparameterization_type` LSTM (a bidirectional LSTM, then a 2-Linear
+    /// MLP) instead of MLP (3 Linears).
+    pub lstm: bool,
+    /// P-tuning: the LSTM's layers (the MLP has 3 Linears whatever it says, as in PEFT).
     pub encoder_num_layers: usize,
-    /// P-tuning: only used by the LSTM encoder, kept for the round trip.
+    /// P-tuning: dropout between LSTM layers (only 0 is implemented).
     pub encoder_dropout: f64,
     /// The prompt is held as PEFT saves it (`prompt_embeddings`: the encoder's output), without
     /// the encoder that produced it: how PEFT loads an adapter (inference mode). Not in the
@@ -106,6 +109,7 @@ impl PromptTuningConfig {
             encoder_hidden_size: None,
             prefix_projection: false,
             init_weights_zero: false,
+            lstm: false,
             encoder_num_layers: 2,
             encoder_dropout: 0.0,
             saved_form: false,
@@ -183,9 +187,8 @@ impl PromptTuningConfig {
         for (key, v) in &map {
             match key.as_str() {
                 "num_virtual_tokens" => {
-                    c.num_virtual_tokens = usize_of(key, v)?.ok_or_else(|| {
-                        bad(key, v, "a positive integer (the prompt's length)")
-                    })?
+                    c.num_virtual_tokens = usize_of(key, v)?
+                        .ok_or_else(|| bad(key, v, "a positive integer (the prompt's length)"))?
                 }
                 "token_dim" => c.token_dim = usize_of(key, v)?,
                 "num_attention_heads" => c.num_attention_heads = usize_of(key, v)?,
@@ -227,17 +230,13 @@ impl PromptTuningConfig {
                         ));
                     }
                 }
-                "encoder_reparameterization_type" if p_tuning => match v.as_str() {
-                    Some("MLP") => {}
-                    Some("LSTM") => {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "P-tuning's LSTM encoder is not implemented; use \"MLP\" (PEFT's recommendation)",
-                        ))
+                "encoder_reparameterization_type" if p_tuning => {
+                    c.lstm = match v.as_str() {
+                        Some("MLP") => false,
+                        Some("LSTM") => true,
+                        _ => return Err(bad(key, v, "\"MLP\" or \"LSTM\"")),
                     }
-                    _ => return Err(bad(key, v, "\"MLP\" or \"LSTM\"")),
-                },
+                }
                 "encoder_num_layers" if p_tuning => {
                     c.encoder_num_layers = usize_of(key, v)?.unwrap_or(2)
                 }
@@ -298,6 +297,13 @@ impl PromptTuningConfig {
                 "a positive integer",
             ));
         }
+        if c.lstm && c.encoder_dropout != 0.0 {
+            return Err(unsupported(
+                "encoder_dropout",
+                &json!(c.encoder_dropout),
+                "dropout between the LSTM encoder's layers is not implemented; use 0.0",
+            ));
+        }
         if c.init == PromptInit::Text && c.init_text.as_deref().is_none_or(str::is_empty) {
             return Err(bad(
                 "prompt_tuning_init_text",
@@ -335,7 +341,7 @@ impl PromptTuningConfig {
                 "encoder_dropout": self.encoder_dropout,
                 "encoder_hidden_size": self.encoder_hidden_size,
                 "encoder_num_layers": self.encoder_num_layers,
-                "encoder_reparameterization_type": "MLP",
+                "encoder_reparameterization_type": if self.lstm { "LSTM" } else { "MLP" },
             }),
             PromptKind::PrefixTuning => json!({
                 "encoder_hidden_size": self.encoder_hidden_size,

@@ -4,13 +4,15 @@
 //!
 //! Three forms, as in PEFT: the rows themselves (`prompt_embeddings`: prompt tuning, prefix
 //! tuning without projection, and any adapter loaded as PEFT saves it), P-tuning's
-//! `PromptEncoder` MLP (Linear, ReLU, Linear, ReLU, Linear) over a trained embedding, and the
-//! prefix projection (Linear, Tanh, Linear). The encoders are tiny (`n` rows), so they run in
+//! `PromptEncoder` over a trained embedding (MLP: Linear, ReLU, Linear, ReLU, Linear; or LSTM: a
+//! bidirectional LSTM then Linear, ReLU, Linear), and the prefix projection (Linear, Tanh,
+//! Linear). The encoders are tiny (`n` rows), so they run in
 //! f32 on every forward, and backward recomputes their activations instead of keeping them.
 
 use rustspeed_kernels::matmul::{linear_backward, linear_forward, LinearShape, WeightLayout};
 use rustspeed_kernels::Float;
 
+use super::lstm::{self, LstmActs};
 use super::prompt::PROMPT_EMBEDDINGS;
 use super::prompt_config::{PromptKind, PromptTuningConfig};
 use crate::init::{name_hash, NormalRng};
@@ -43,6 +45,8 @@ pub struct PromptPlan {
     pub width: usize,
     /// Width of the encoder's embedding (its first Linear's input).
     embed_dim: usize,
+    /// P-tuning's LSTM before the Linears: (layers, hidden size).
+    lstm: Option<(usize, usize)>,
     /// The encoder's Linears, activation `act` between consecutive ones; empty without one.
     linears: Vec<EncLinear>,
     act: Act,
@@ -60,8 +64,18 @@ impl PromptPlan {
             inp,
             out,
         };
+        let lstm = (cfg.kind == PromptKind::PTuning && cfg.lstm && cfg.has_encoder())
+            .then_some((cfg.encoder_num_layers, hidden));
         let (width, linears, act) = match cfg.kind {
             PromptKind::PromptTuning => (td, vec![], Act::Relu),
+            PromptKind::PTuning if lstm.is_some() => (
+                td,
+                vec![
+                    lin("mlp_head.0", 2 * hidden, 2 * hidden),
+                    lin("mlp_head.2", 2 * hidden, td),
+                ],
+                Act::Relu,
+            ),
             PromptKind::PTuning => (
                 td,
                 vec![
@@ -90,6 +104,7 @@ impl PromptPlan {
             n,
             width,
             embed_dim: if linears.is_empty() { width } else { td },
+            lstm,
             linears,
             act,
         }
@@ -105,6 +120,14 @@ impl PromptPlan {
             return vec![ParamSpec::new(PROMPT_EMBEDDINGS, &[self.n, self.width])];
         }
         let mut specs = vec![ParamSpec::new(ENCODER_EMBEDDING, &[self.n, self.embed_dim])];
+        if let Some((layers, h)) = self.lstm {
+            for (name, shape) in lstm::param_shapes(layers, self.embed_dim, h) {
+                specs.push(ParamSpec::new(
+                    format!("prompt_encoder.lstm_head.{name}"),
+                    &shape,
+                ));
+            }
+        }
         for l in &self.linears {
             specs.push(ParamSpec::new(
                 format!("{}.weight", l.module),
@@ -118,18 +141,36 @@ impl PromptPlan {
     /// The prompt rows `[n, width]` from the plan's parameters (`params` holds exactly them,
     /// in [`PromptPlan::specs`] order).
     pub fn rows<T: Float>(&self, params: &[&[T]]) -> Vec<f32> {
-        let (rows, _) = self.run(params);
-        rows
+        self.run(params).rows
     }
 
-    /// Runs the encoder; also returns each Linear's input (the embedding, then the activations).
-    fn run<T: Float>(&self, params: &[&[T]]) -> (Vec<f32>, Vec<Vec<f32>>) {
+    /// Index of the first Linear's weight among the parameters.
+    fn first_linear(&self) -> usize {
+        1 + self.lstm.map_or(0, |(layers, _)| 8 * layers)
+    }
+
+    fn lstm_params<T: Float>(&self, params: &[&[T]]) -> Vec<Vec<f32>> {
+        params[1..self.first_linear()]
+            .iter()
+            .map(|p| p.iter().map(|v| v.to_f32()).collect())
+            .collect()
+    }
+
+    /// Runs the encoder, keeping what backward needs.
+    fn run<T: Float>(&self, params: &[&[T]]) -> Run {
         let f32s = |x: &[T]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
         let mut x = f32s(params[0]);
+        let mut lstm_acts = None;
+        if let Some((_, h)) = self.lstm {
+            let (y, acts) = lstm::forward(&x, self.n, self.embed_dim, h, &self.lstm_params(params));
+            lstm_acts = Some(acts);
+            x = y;
+        }
+        let base = self.first_linear();
         let mut inputs = Vec::with_capacity(self.linears.len());
         for (i, l) in self.linears.iter().enumerate() {
             let mut y = vec![0f32; self.n * l.out];
-            let (w, b) = (f32s(params[1 + 2 * i]), f32s(params[2 + 2 * i]));
+            let (w, b) = (f32s(params[base + 2 * i]), f32s(params[base + 1 + 2 * i]));
             linear_forward(&mut y, &x, &w, Some(&b), self.shape(l));
             if i + 1 < self.linears.len() {
                 match self.act {
@@ -139,7 +180,11 @@ impl PromptPlan {
             }
             inputs.push(std::mem::replace(&mut x, y));
         }
-        (x, inputs)
+        Run {
+            rows: x,
+            inputs,
+            lstm: lstm_acts,
+        }
     }
 
     fn shape(&self, l: &EncLinear) -> LinearShape {
@@ -159,13 +204,15 @@ impl PromptPlan {
             grads[0].iter_mut().zip(drows).for_each(|(g, d)| *g += d);
             return;
         }
-        let (_, inputs) = self.run(params);
+        let run = self.run(params);
+        let inputs = &run.inputs;
+        let base = self.first_linear();
         let mut dy = drows.to_vec();
         for (i, l) in self.linears.iter().enumerate().rev() {
-            let w: Vec<f32> = params[1 + 2 * i].iter().map(|v| v.to_f32()).collect();
+            let w: Vec<f32> = params[base + 2 * i].iter().map(|v| v.to_f32()).collect();
             let x = &inputs[i];
             let mut dx = vec![0f32; self.n * l.inp];
-            let (gw, gb) = pair(grads, 1 + 2 * i);
+            let (gw, gb) = pair(grads, base + 2 * i);
             linear_backward(
                 Some(&mut dx),
                 false,
@@ -188,6 +235,18 @@ impl PromptPlan {
             }
             dy = dx;
         }
+        if let (Some((_, h)), Some(acts)) = (self.lstm, &run.lstm) {
+            let p = self.lstm_params(params);
+            dy = lstm::backward(
+                &dy,
+                acts,
+                self.n,
+                self.embed_dim,
+                h,
+                &p,
+                &mut grads[1..base],
+            );
+        }
         grads[0].iter_mut().zip(&dy).for_each(|(g, d)| *g += d);
     }
 
@@ -197,6 +256,7 @@ impl PromptPlan {
     /// projection's last Linear. `values` are the plan's parameters in order.
     pub fn init<T: Float>(&self, values: &mut [&mut [T]], zero_last: bool, seed: u64) {
         let specs = self.specs();
+        let base = self.first_linear();
         let last_linear = specs.len().saturating_sub(2);
         for (k, (spec, v)) in specs.iter().zip(values.iter_mut()).enumerate() {
             let mut rng = NormalRng::new(seed ^ name_hash(&spec.name));
@@ -207,8 +267,12 @@ impl PromptPlan {
                 v.iter_mut()
                     .for_each(|x| *x = T::from_f32(rng.normal() as f32));
             } else {
-                let l = &self.linears[(k - 1) / 2];
-                let bound = 1.0 / (l.inp as f64).sqrt();
+                // torch: LSTM parameters U(-1/sqrt(hidden)), Linears U(-1/sqrt(in)).
+                let fan = match self.lstm {
+                    Some((_, h)) if k < base => h,
+                    _ => self.linears[(k - base) / 2].inp,
+                };
+                let bound = 1.0 / (fan as f64).sqrt();
                 v.iter_mut().for_each(|x| {
                     let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                     *x = T::from_f32(((2.0 * u - 1.0) * bound) as f32);
@@ -216,6 +280,14 @@ impl PromptPlan {
             }
         }
     }
+}
+
+/// The encoder's output and what its backward needs: each Linear's input (the embedding or the
+/// LSTM's output, then the activations) and the LSTM's states.
+struct Run {
+    rows: Vec<f32>,
+    inputs: Vec<Vec<f32>>,
+    lstm: Option<LstmActs>,
 }
 
 /// Two consecutive gradient views (a weight and its bias).
@@ -229,7 +301,12 @@ mod tests {
     use super::*;
 
     fn plan(kind: PromptKind, projection: bool) -> PromptPlan {
+        plan_with(kind, projection, false)
+    }
+
+    fn plan_with(kind: PromptKind, projection: bool, lstm: bool) -> PromptPlan {
         let mut c = PromptTuningConfig::of_kind(kind, 3);
+        c.lstm = lstm;
         c.token_dim = Some(4);
         c.num_layers = Some(2);
         c.encoder_hidden_size = Some(5);
@@ -240,12 +317,13 @@ mod tests {
     /// The encoders' gradients against central differences of a random linear functional.
     #[test]
     fn encoder_gradients_match_finite_differences() {
-        for (kind, projection) in [
-            (PromptKind::PTuning, false),
-            (PromptKind::PrefixTuning, true),
-            (PromptKind::PrefixTuning, false),
+        for (kind, projection, lstm) in [
+            (PromptKind::PTuning, false, false),
+            (PromptKind::PTuning, false, true),
+            (PromptKind::PrefixTuning, true, false),
+            (PromptKind::PrefixTuning, false, false),
         ] {
-            let p = plan(kind, projection);
+            let p = plan_with(kind, projection, lstm);
             let specs = p.specs();
             let mut values: Vec<Vec<f64>> = specs.iter().map(|s| vec![0.0; s.numel()]).collect();
             let mut rng = NormalRng::new(7);
