@@ -35,7 +35,8 @@ use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
-use crate::peft::prompt::{self, PROMPT_EMBEDDINGS};
+use crate::peft::prefix::{self, PrefixLink, PrefixSaved};
+use crate::peft::prompt::{self, PromptLayer};
 use crate::tuning::Tuning;
 use crate::weights::NameRules;
 
@@ -126,21 +127,33 @@ pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model
     let dims = Dims::from_config(cfg);
     let scratch = Arc::new(Mutex::new(Scratch::default()));
     let mut layers: Vec<Box<dyn Layer<T>>> = Vec::with_capacity(cfg.num_hidden_layers + 2);
+    let plan = tuning.prompt_plan();
+    let shared = plan
+        .as_ref()
+        .filter(|_| tuning.prefix_tokens() > 0)
+        .map(|p| prefix::shared(p.n, p.width));
     layers.push(Box::new(Embedding {
         dims,
         index: 0,
         positions: Vec::new(),
         train: [tuning.trainable(WTE), tuning.trainable(WPE)],
-        virtual_tokens: tuning.virtual_tokens(),
+        prompt: plan.map(|p| PromptLayer::new(p, 2, shared.clone())),
+        position_offset: tuning.prefix_tokens(),
     }));
     for i in 0..cfg.num_hidden_layers {
-        layers.push(Box::new(Block::new(
+        let mut block = Block::new(
             format!("transformer.h.{i}"),
             dims,
             i + 1,
             tuning,
             Arc::clone(&scratch),
-        )));
+        );
+        block.prefix = shared.clone().map(|shared| PrefixLink {
+            shared,
+            layer: i,
+            kv_dim: dims.d,
+        });
+        layers.push(Box::new(block));
     }
     let head_weight = if cfg.tie_word_embeddings {
         WTE
@@ -277,11 +290,12 @@ pub fn logits<T: Float>(
     out
 }
 
-/// Position ids `0..seq_len` for every sequence (HF's default without `position_ids`).
-fn fill_positions(positions: &mut Vec<u32>, batch: &Batch) {
+/// Position ids `offset..offset + seq_len` for every sequence (HF's default without
+/// `position_ids`: the cache length, prefix tuning's prefix, onwards).
+fn fill_positions(positions: &mut Vec<u32>, batch: &Batch, offset: usize) {
     positions.clear();
     for _ in 0..batch.batch_size {
-        positions.extend(0..batch.seq_len as u32);
+        positions.extend(offset as u32..(offset + batch.seq_len) as u32);
     }
 }
 
@@ -292,16 +306,23 @@ struct Embedding {
     positions: Vec<u32>,
     /// Whether `wte` and `wpe` train.
     train: [bool; 2],
-    /// Prompt tuning's virtual tokens (parameter `prompt_embeddings`), 0 without.
-    virtual_tokens: usize,
+    /// Prompt learning's parameters (after `wte` and `wpe`).
+    prompt: Option<PromptLayer>,
+    /// Where the tokens' positions start: prefix tuning's prefix length, else 0.
+    position_offset: usize,
 }
 
 impl Embedding {
+    fn virtual_tokens(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.virtual_tokens())
+    }
+
     fn check_batch(&self, batch: &Batch) {
         assert!(
-            batch.seq_len <= self.dims.max_positions,
-            "GPT-2: sequence length {} exceeds n_positions = {}",
+            batch.seq_len + self.position_offset <= self.dims.max_positions,
+            "GPT-2: sequence length {} (after a prefix of {}) exceeds n_positions = {}",
             batch.seq_len,
+            self.position_offset,
             self.dims.max_positions
         );
         assert_eq!(
@@ -323,8 +344,8 @@ impl<T: Float> Layer<T> for Embedding {
             ParamSpec::new(WTE, &[self.dims.vocab, d]).with_trainable(self.train[0]),
             ParamSpec::new(WPE, &[self.dims.max_positions, d]).with_trainable(self.train[1]),
         ];
-        if self.virtual_tokens > 0 {
-            specs.push(ParamSpec::new(PROMPT_EMBEDDINGS, &[self.virtual_tokens, d]));
+        if let Some(p) = &self.prompt {
+            specs.extend(p.specs());
         }
         specs
     }
@@ -332,11 +353,11 @@ impl<T: Float> Layer<T> for Embedding {
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
         let batch = ctx.batch;
         self.check_batch(batch);
-        fill_positions(&mut self.positions, batch);
+        fill_positions(&mut self.positions, batch, self.position_offset);
         let d = self.dims.d;
         flow.hidden.resize(batch.rows() * d, T::default());
         flow.loss = None;
-        let n = self.virtual_tokens;
+        let n = self.virtual_tokens();
         let real;
         let ids = if n > 0 {
             real = prompt::real_ids(batch, n, "GPT-2 embedding");
@@ -352,11 +373,11 @@ impl<T: Float> Layer<T> for Embedding {
             d,
         )
         .unwrap_or_else(|e| panic!("GPT-2 embedding: {e}"));
-        if n > 0 {
+        if let Some(rows) = self.prompt.as_ref().and_then(|p| p.forward(params)) {
             // HF GPT-2 adds wpe to inputs_embeds, virtual tokens included.
             prompt::place_prompt(
                 &mut flow.hidden,
-                params[2],
+                &rows,
                 Some(params[1]),
                 batch.seq_len,
                 n,
@@ -369,21 +390,26 @@ impl<T: Float> Layer<T> for Embedding {
         }
     }
 
-    fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
         let batch = ctx.batch;
         self.check_batch(batch);
-        let n = self.virtual_tokens;
-        if self.train == [false, false] && n == 0 {
+        if self.train == [false, false] && self.prompt.is_none() {
             flow.hidden.clear();
             return;
         }
-        fill_positions(&mut self.positions, batch);
+        fill_positions(&mut self.positions, batch, self.position_offset);
         let key = dropout_key(ctx.dropout_seed, self.index as u64, SITE_EMBEDDING);
         dropout_inplace(&mut flow.hidden, self.dims.embd_pdrop, key, 0);
         let d = self.dims.d;
-        if n > 0 {
-            prompt::prompt_backward(grads[2], &flow.hidden, batch.seq_len, n, d);
-            // Prompt tuning freezes wte (its ids at virtual positions are placeholders).
+        if let Some(p) = &self.prompt {
+            p.backward(params, grads, &flow.hidden, batch.seq_len);
+            // Prompt learning freezes wte (its ids at virtual positions are placeholders).
             assert!(
                 !self.train[0],
                 "GPT-2 embedding: wte trains only without a prompt"
@@ -427,6 +453,8 @@ struct Acts<T> {
     rstd2: Vec<f32>,
     fc: Vec<T>,
     act: Vec<T>,
+    /// The attention's `n + T` rows under prefix tuning.
+    prefix: PrefixSaved<T>,
 }
 
 /// Temporaries shared by all blocks of a model (the blocks run one at a time): the fused qkv
@@ -463,6 +491,8 @@ struct Block<T> {
     c_proj: Linear,
     c_fc: Linear,
     mlp_proj: Linear,
+    /// Prefix tuning's keys and values for this layer.
+    prefix: Option<PrefixLink>,
 }
 
 impl<T: Float> Block<T> {
@@ -517,6 +547,7 @@ impl<T: Float> Block<T> {
             c_proj,
             c_fc,
             mlp_proj,
+            prefix: None,
         }
     }
 }
@@ -638,14 +669,24 @@ impl<T: Float> Block<T> {
             v[r * d..(r + 1) * d].copy_from_slice(&row[2 * d..]);
         }
         let spec = self.attn_spec(ctx, ctx.train);
-        attention_forward(
-            sized(&mut acts.att, n * d),
-            sized(&mut acts.lse, spec.lse_len()),
-            &acts.q,
-            &acts.k,
-            &acts.v,
-            &spec,
-        )
+        match &self.prefix {
+            None => attention_forward(
+                sized(&mut acts.att, n * d),
+                sized(&mut acts.lse, spec.lse_len()),
+                &acts.q,
+                &acts.k,
+                &acts.v,
+                &spec,
+            ),
+            Some(link) => link.attention_forward(
+                sized(&mut acts.att, n * d),
+                &mut acts.prefix,
+                &acts.q,
+                &acts.k,
+                &acts.v,
+                &spec,
+            ),
+        }
         .unwrap_or_else(|e| panic!("{}: {e}", self.name));
         let branch = sized(branch, n * d);
         self.c_proj
@@ -787,8 +828,11 @@ impl<T: Float> Layer<T> for Block<T> {
             sized(&mut s.dk, n * d),
             sized(&mut s.dv, n * d),
         );
-        attention_backward(dq, dk, dv, dd, &a.q, &a.k, &a.v, &a.att, &a.lse, &spec)
-            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        match &self.prefix {
+            None => attention_backward(dq, dk, dv, dd, &a.q, &a.k, &a.v, &a.att, &a.lse, &spec),
+            Some(link) => link.attention_backward(dq, dk, dv, dd, &a.prefix, &spec),
+        }
+        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
         let dqkv = sized(&mut s.dqkv, n * 3 * d);
         for (r, row) in dqkv.chunks_exact_mut(3 * d).enumerate() {
             row[..d].copy_from_slice(&dq[r * d..(r + 1) * d]);

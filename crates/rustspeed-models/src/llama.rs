@@ -40,7 +40,8 @@ use crate::layer::{Batch, Ctx, Flow, Layer, LossSum};
 use crate::linear::{grad_if, Linear, QuantTarget};
 use crate::model::Model;
 use crate::params::ParamSpec;
-use crate::peft::prompt::{self, PROMPT_EMBEDDINGS};
+use crate::peft::prefix::{self, PrefixLink, PrefixSaved};
+use crate::peft::prompt::{self, PromptLayer};
 use crate::tuning::Tuning;
 use crate::weights::{load_hf_weights, NameRules};
 
@@ -112,14 +113,19 @@ pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model
 
     let scratch = Arc::new(Mutex::new(Scratch::default()));
     let mut layers: Vec<Box<dyn Layer<T>>> = Vec::with_capacity(cfg.num_hidden_layers + 2);
+    let plan = tuning.prompt_plan();
+    let shared = plan
+        .as_ref()
+        .filter(|_| tuning.prefix_tokens() > 0)
+        .map(|p| prefix::shared(p.n, p.width));
     layers.push(Box::new(Embedding {
         vocab: cfg.vocab_size,
         d: cfg.hidden_size,
         train: tuning.trainable(EMBED),
-        virtual_tokens: tuning.virtual_tokens(),
+        prompt: plan.map(|p| PromptLayer::new(p, 1, shared.clone())),
     }));
     for i in 0..cfg.num_hidden_layers {
-        layers.push(Box::new(Decoder::new(
+        let mut block = Decoder::new(
             cfg,
             tuning,
             i,
@@ -127,7 +133,14 @@ pub fn build_tuned<T: Float>(cfg: &ModelConfig, tuning: &Tuning) -> Result<Model
             scaling.clone(),
             theta,
             scratch.clone(),
-        )));
+        );
+        block.prefix = shared.clone().map(|shared| PrefixLink {
+            shared,
+            layer: i,
+            kv_dim: cfg.num_key_value_heads * cfg.head_dim,
+        });
+        block.position_offset = tuning.prefix_tokens();
+        layers.push(Box::new(block));
     }
     layers.push(Box::new(Head::new(cfg, tuning)));
     let mut model = Model::new(layers)?;
@@ -251,8 +264,8 @@ struct Embedding {
     vocab: usize,
     d: usize,
     train: bool,
-    /// Prompt tuning's virtual tokens (parameter `prompt_embeddings`), 0 without.
-    virtual_tokens: usize,
+    /// Prompt learning's parameters (after the token embeddings).
+    prompt: Option<PromptLayer>,
 }
 
 impl<T: Float> Layer<T> for Embedding {
@@ -263,18 +276,15 @@ impl<T: Float> Layer<T> for Embedding {
     fn own_params(&self) -> Vec<ParamSpec> {
         let mut specs =
             vec![ParamSpec::new(EMBED, &[self.vocab, self.d]).with_trainable(self.train)];
-        if self.virtual_tokens > 0 {
-            specs.push(ParamSpec::new(
-                PROMPT_EMBEDDINGS,
-                &[self.virtual_tokens, self.d],
-            ));
+        if let Some(p) = &self.prompt {
+            specs.extend(p.specs());
         }
         specs
     }
 
     fn forward(&mut self, params: &[&[T]], flow: &mut Flow<T>, ctx: &Ctx) {
         let batch = ctx.batch;
-        let n = self.virtual_tokens;
+        let n = self.prompt.as_ref().map_or(0, |p| p.virtual_tokens());
         let real;
         let ids = if n > 0 {
             real = prompt::real_ids(batch, n, "model.embed_tokens");
@@ -286,17 +296,22 @@ impl<T: Float> Layer<T> for Embedding {
         if let Err(e) = embedding_forward(&mut flow.hidden, ids, params[0], None, self.d) {
             panic!("model.embed_tokens: {e}");
         }
-        if n > 0 {
-            prompt::place_prompt(&mut flow.hidden, params[1], None, batch.seq_len, n, self.d);
+        if let Some(rows) = self.prompt.as_ref().and_then(|p| p.forward(params)) {
+            prompt::place_prompt(&mut flow.hidden, &rows, None, batch.seq_len, n, self.d);
         }
     }
 
-    fn backward(&mut self, _: &[&[T]], grads: &mut [&mut [f32]], flow: &mut Flow<T>, ctx: &Ctx) {
+    fn backward(
+        &mut self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        flow: &mut Flow<T>,
+        ctx: &Ctx,
+    ) {
         let ids = &ctx.batch.input_ids;
-        let n = self.virtual_tokens;
-        if n > 0 {
-            prompt::prompt_backward(grads[1], &flow.hidden, ctx.batch.seq_len, n, self.d);
-            // Prompt tuning freezes the token embeddings (their ids at virtual positions are
+        if let Some(p) = &self.prompt {
+            p.backward(params, grads, &flow.hidden, ctx.batch.seq_len);
+            // Prompt learning freezes the token embeddings (their ids at virtual positions are
             // placeholders), so they never train here.
             assert!(
                 !self.train,
@@ -332,6 +347,8 @@ struct Saved<T> {
     up: Vec<T>,
     rstd1: Vec<f32>,
     rstd2: Vec<f32>,
+    /// The attention's `n + T` rows under prefix tuning.
+    prefix: PrefixSaved<T>,
 }
 
 /// Temporaries of forward (evaluation) and backward, shared by all blocks of a model.
@@ -382,6 +399,10 @@ struct Decoder<T> {
     rope_theta: f32,
     saved: Option<Saved<T>>,
     scratch: Arc<Mutex<Scratch<T>>>,
+    /// Prefix tuning's keys and values for this layer.
+    prefix: Option<PrefixLink>,
+    /// Where the tokens' positions (RoPE) start: prefix tuning's prefix length, else 0.
+    position_offset: usize,
 }
 
 impl<T: Float> Decoder<T> {
@@ -458,6 +479,8 @@ impl<T: Float> Decoder<T> {
             rope_theta,
             saved: None,
             scratch,
+            prefix: None,
+            position_offset: 0,
         }
     }
 
@@ -494,9 +517,23 @@ impl<T: Float> Decoder<T> {
     fn rope_apply(&self, x: &mut [T], batch: &Batch, heads: usize, forward: bool) {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let result = if forward {
-            rope_forward(x, &self.rope, b, t, heads, Positions::Offset(0))
+            rope_forward(
+                x,
+                &self.rope,
+                b,
+                t,
+                heads,
+                Positions::Offset(self.position_offset),
+            )
         } else {
-            rope_backward(x, &self.rope, b, t, heads, Positions::Offset(0))
+            rope_backward(
+                x,
+                &self.rope,
+                b,
+                t,
+                heads,
+                Positions::Offset(self.position_offset),
+            )
         };
         if let Err(e) = result {
             panic!("{}: {e}", self.name);
@@ -527,7 +564,7 @@ impl<T: Float> Layer<T> for Decoder<T> {
         let rows = batch.rows();
         let (d, ffn) = (self.d, self.ffn);
         let spec = self.spec(ctx, ctx.train);
-        self.ensure_rope(batch.seq_len);
+        self.ensure_rope(self.position_offset + batch.seq_len);
         let x = std::mem::take(&mut flow.hidden);
         assert_eq!(
             x.len(),
@@ -564,7 +601,13 @@ impl<T: Float> Layer<T> for Decoder<T> {
         }
         self.rope_apply(&mut s.q, batch, self.heads, true);
         self.rope_apply(&mut s.k, batch, self.kv_heads, true);
-        if let Err(e) = attention_forward(&mut s.att, &mut s.lse, &s.q, &s.k, &s.v, &spec) {
+        let result = match &self.prefix {
+            None => attention_forward(&mut s.att, &mut s.lse, &s.q, &s.k, &s.v, &spec),
+            Some(link) => {
+                link.attention_forward(&mut s.att, &mut s.prefix, &s.q, &s.k, &s.v, &spec)
+            }
+        };
+        if let Err(e) = result {
             panic!("{}: {e}", self.name);
         }
         let mut h = x.clone();
@@ -679,8 +722,11 @@ impl<T: Float> Layer<T> for Decoder<T> {
             sized(dk, rows * self.k.out),
             sized(dv, rows * self.v.out),
         );
-        if let Err(e) = attention_backward(dq, dk, dv, da, &s.q, &s.k, &s.v, &s.att, &s.lse, &spec)
-        {
+        let result = match &self.prefix {
+            None => attention_backward(dq, dk, dv, da, &s.q, &s.k, &s.v, &s.att, &s.lse, &spec),
+            Some(link) => link.attention_backward(dq, dk, dv, da, &s.prefix, &spec),
+        };
+        if let Err(e) = result {
             panic!("{}: {e}", self.name);
         }
         self.rope_apply(dq, batch, self.heads, false);

@@ -7,15 +7,17 @@ use rustspeed_kernels::quant::QuantConfig;
 
 use crate::hf_config::ModelConfig;
 use crate::peft::prompt::PROMPT_EMBEDDINGS;
+use crate::peft::prompt_encoder::PromptPlan;
 use crate::peft::targets::{self, Resolved};
-use crate::peft::{LoraConfig, LoraModule, PeftError, PromptTuningConfig};
+use crate::peft::{LoraConfig, LoraModule, PeftError, PromptKind, PromptTuningConfig};
 
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
     lora: Option<LoraPlan>,
     /// Frozen linear weights held quantized (QLoRA).
     quant: Option<QuantConfig>,
-    /// Prompt tuning: the whole base frozen, only the virtual-token embeddings train.
+    /// Prompt learning (prompt tuning, P-tuning, prefix tuning): the whole base frozen, only
+    /// the prompt (and its encoder) trains.
     prompt: Option<PromptTuningConfig>,
 }
 
@@ -36,11 +38,13 @@ pub fn lora_b_name(module: &str) -> String {
     format!("{module}.lora_B.weight")
 }
 
-/// Whether `param` is a LoRA adapter parameter (never part of a base checkpoint).
+/// Whether `param` is an adapter parameter (LoRA or prompt learning; never part of a base
+/// checkpoint).
 pub fn is_adapter_param(param: &str) -> bool {
     param.ends_with(".lora_A.weight")
         || param.ends_with(".lora_B.weight")
         || param == PROMPT_EMBEDDINGS
+        || param.starts_with("prompt_encoder.")
 }
 
 impl Tuning {
@@ -60,28 +64,67 @@ impl Tuning {
         })
     }
 
-    /// PEFT's prompt tuning on the architecture `cfg` describes: `prompt_embeddings`
-    /// `[num_virtual_tokens, hidden_size]` trains, everything else is frozen.
+    /// PEFT's prompt learning (`config.kind`) on the architecture `cfg` describes: the prompt
+    /// parameters train, everything else is frozen. Fills `token_dim`, `num_layers` and
+    /// `num_attention_heads` as PEFT's `_prepare_prompt_learning_config` does (for prefix tuning
+    /// with grouped-query heads: `num_key_value_heads * head_dim` and `num_key_value_heads`),
+    /// and refuses values that do not fit the model.
     pub fn prompt(mut config: PromptTuningConfig, cfg: &ModelConfig) -> Result<Tuning, PeftError> {
+        let prefix = config.kind == PromptKind::PrefixTuning;
+        let (dim, heads) = if prefix {
+            (
+                cfg.num_key_value_heads * cfg.head_dim,
+                cfg.num_key_value_heads,
+            )
+        } else {
+            (cfg.hidden_size, cfg.num_attention_heads)
+        };
+        let invalid = |key: &str, v: usize, expected: String| PeftError::Invalid {
+            file: "adapter_config.json".into(),
+            key: key.into(),
+            value: v.to_string(),
+            expected,
+        };
+        let what = if prefix {
+            "num_key_value_heads * head_dim"
+        } else {
+            "the hidden size"
+        };
         match config.token_dim {
-            None => config.token_dim = Some(cfg.hidden_size),
-            Some(d) if d != cfg.hidden_size => {
-                return Err(PeftError::Invalid {
-                    file: "adapter_config.json".into(),
-                    key: "token_dim".into(),
-                    value: d.to_string(),
-                    expected: format!(
-                        "the model's hidden size {} (the adapter was made for another model)",
-                        cfg.hidden_size
-                    ),
-                })
+            Some(d) if d != dim => {
+                return Err(invalid(
+                    "token_dim",
+                    d,
+                    format!("{what} of the model, {dim} (was the adapter made for another model?)"),
+                ))
+            }
+            _ => config.token_dim = Some(dim),
+        }
+        match config.num_layers {
+            Some(l) if l != cfg.num_hidden_layers => {
+                return Err(invalid(
+                    "num_layers",
+                    l,
+                    format!("the model's {} layers", cfg.num_hidden_layers),
+                ))
+            }
+            _ => config.num_layers = Some(cfg.num_hidden_layers),
+        }
+        match config.num_attention_heads {
+            // Only prefix tuning reads it (to split the prefix into heads).
+            Some(h) if prefix && h != heads => {
+                return Err(invalid(
+                    "num_attention_heads",
+                    h,
+                    format!("the model's {heads} key/value heads"),
+                ))
             }
             Some(_) => {}
+            None => config.num_attention_heads = Some(heads),
         }
-        config.num_layers.get_or_insert(cfg.num_hidden_layers);
-        config
-            .num_attention_heads
-            .get_or_insert(cfg.num_attention_heads);
+        if config.has_encoder() {
+            config.encoder_hidden_size.get_or_insert(dim);
+        }
         Ok(Tuning {
             lora: None,
             quant: None,
@@ -93,9 +136,26 @@ impl Tuning {
         self.prompt.as_ref()
     }
 
-    /// Virtual tokens each sequence starts with (0 without prompt tuning).
+    /// How the prompt's parameters make the prompt rows.
+    pub fn prompt_plan(&self) -> Option<PromptPlan> {
+        self.prompt.as_ref().map(PromptPlan::new)
+    }
+
+    /// Virtual tokens each sequence of a batch starts with (prompt tuning and P-tuning; 0
+    /// otherwise, prefix tuning included: its prefix lives inside the attention layers).
     pub fn virtual_tokens(&self) -> usize {
-        self.prompt.as_ref().map_or(0, |p| p.num_virtual_tokens)
+        match &self.prompt {
+            Some(p) if p.kind != PromptKind::PrefixTuning => p.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+
+    /// Prefix tuning's prefix length (0 without prefix tuning).
+    pub fn prefix_tokens(&self) -> usize {
+        match &self.prompt {
+            Some(p) if p.kind == PromptKind::PrefixTuning => p.num_virtual_tokens,
+            _ => 0,
+        }
     }
 
     /// Holds every frozen Linear/Conv1D weight of the blocks quantized (`--quantize`), as
@@ -137,7 +197,7 @@ impl Tuning {
     /// Whether the parameter named `param` trains.
     pub fn trainable(&self, param: &str) -> bool {
         if self.prompt.is_some() {
-            return param == PROMPT_EMBEDDINGS;
+            return param == PROMPT_EMBEDDINGS || param.starts_with("prompt_encoder.");
         }
         match &self.lora {
             None => true,

@@ -7,7 +7,10 @@
 //! Lines may instead hold pre-tokenized records, `{"input_ids": [...], "labels": [...]}` (labels
 //! optional, -100 ignored, as HF datasets give them), scored the same way without a tokenizer.
 //!
-//! `--adapter DIR` evaluates the base with a PEFT LoRA adapter attached (not merged), and
+//! `--adapter DIR` evaluates the base with a PEFT adapter attached: LoRA (not merged), or a
+//! prompt-learning adapter loaded as PEFT loads one (the saved prompt rows; prompt tuning and
+//! P-tuning prepend them to each text, whose loss counts only its real tokens, the first one
+//! included as the prompt predicts it; prefix tuning gives them to every attention layer).
 //! `--quantize nf4|fp4|int8` holds the base's frozen linears quantized as QLoRA training does.
 //!
 //! Texts of similar length are batched together (sorted by length, right-padded with labels
@@ -19,8 +22,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use half::bf16;
 use rustspeed_kernels::Float;
+use rustspeed_models::hf_config::Architecture;
 use rustspeed_models::loader::{load_model, load_model_tuned, model_config, LoadError};
-use rustspeed_models::peft::{self, LoraConfig};
+use rustspeed_models::peft::{self, prefix_batch, AdapterKind, LoraConfig, PromptTuningConfig};
 use rustspeed_models::{Batch, Tuning, IGNORE_INDEX};
 use serde_json::json;
 
@@ -47,8 +51,9 @@ pub struct Args {
     /// Print {"loss", "perplexity", "tokens"} as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// A PEFT LoRA adapter directory to attach to the base (adapter_config.json +
-    /// adapter_model.safetensors), e.g. OUT/final of `rustspeed train --lora-r ...`.
+    /// A PEFT adapter directory to attach to the base (adapter_config.json +
+    /// adapter_model.safetensors): LoRA, PROMPT_TUNING, P_TUNING or PREFIX_TUNING, e.g.
+    /// OUT/final of `rustspeed train --lora-r ...`.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Hold the base's frozen linears quantized (nf4, fp4 or int8), as QLoRA trains them.
@@ -133,8 +138,26 @@ fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
         return Ok(None);
     };
     let usage = |e: peft::PeftError| UsageError(format!("--adapter {}: {e}", dir.display()));
-    let lora = LoraConfig::from_path(dir).map_err(usage)?;
+    let config_file = dir.join(peft::adapter::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_file)
+        .map_err(|e| UsageError(format!("--adapter {}: {e}", config_file.display())))?;
     let cfg = model_config(&args.model)?;
+    if let AdapterKind::Prompt(kind) =
+        peft::adapter_kind(&config_file.display().to_string(), &text).map_err(usage)?
+    {
+        if let Some(q) = &args.quantize {
+            return Err(UsageError(format!(
+                "not supported yet: --quantize {q} with a {} adapter (rustspeed quantizes a base only under LoRA)",
+                kind.peft_type()
+            ))
+            .into());
+        }
+        let mut prompt = PromptTuningConfig::from_path(dir).map_err(usage)?;
+        // As PEFT loads it (inference mode): the saved rows, no encoder.
+        prompt.saved_form = true;
+        return Ok(Some(Tuning::prompt(prompt, &cfg).map_err(usage)?));
+    }
+    let lora = LoraConfig::from_path(dir).map_err(usage)?;
     let mut tuning = Tuning::lora(lora, &cfg).map_err(usage)?;
     if let Some(q) = &args.quantize {
         let qc = super::quantize::quant_config(q, args.double_quant)?;
@@ -232,10 +255,17 @@ fn evaluate<T: Float>(
     if let Some(dir) = &args.adapter {
         peft::load_adapter(dir, &mut loaded.model)?;
     }
-    let max_len = args
-        .max_length
-        .unwrap_or(loaded.config.max_position_embeddings)
-        .min(loaded.config.max_position_embeddings);
+    let virtual_tokens = tuning.map_or(0, |t| t.virtual_tokens());
+    // GPT-2's position embeddings end at n_positions; the prompt (or prefix) takes the first.
+    let reserved = match loaded.config.architecture {
+        Architecture::Gpt2 => tuning.map_or(0, |t| t.virtual_tokens() + t.prefix_tokens()),
+        _ => 0,
+    };
+    let max_positions = loaded
+        .config
+        .max_position_embeddings
+        .saturating_sub(reserved);
+    let max_len = args.max_length.unwrap_or(max_positions).min(max_positions);
     // (input ids, HF labels) per sequence.
     let mut seqs: Vec<(Vec<u32>, Vec<i32>)> = Vec::with_capacity(records.len());
     for record in records {
@@ -287,7 +317,7 @@ fn evaluate<T: Float>(
     let mut nll = 0f64;
     let mut tokens = 0usize;
     for group in seqs.chunks(args.batch_size) {
-        let batch = pad_batch(group);
+        let batch = pad_batch(group, virtual_tokens);
         let sum = model.forward(&batch, false, 0);
         nll += sum.nll;
         tokens += sum.tokens;
@@ -302,8 +332,9 @@ fn evaluate<T: Float>(
     })
 }
 
-/// Right-pads `seqs` to the longest; padding is token 0 with ignored labels.
-fn pad_batch(seqs: &[(Vec<u32>, Vec<i32>)]) -> Batch {
+/// Right-pads `seqs` to the longest; padding is token 0 with ignored labels. With
+/// `virtual_tokens`, each row starts with that many virtual-token positions (prompt tuning).
+fn pad_batch(seqs: &[(Vec<u32>, Vec<i32>)], virtual_tokens: usize) -> Batch {
     let seq_len = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
     let mut input_ids = vec![0u32; seqs.len() * seq_len];
     let mut labels = vec![IGNORE_INDEX; seqs.len() * seq_len];
@@ -312,7 +343,7 @@ fn pad_batch(seqs: &[(Vec<u32>, Vec<i32>)]) -> Batch {
         input_ids[row..row + ids.len()].copy_from_slice(ids);
         labels[row..row + l.len()].copy_from_slice(l);
     }
-    Batch::from_hf_labels(seqs.len(), seq_len, input_ids, &labels)
+    prefix_batch(seqs.len(), seq_len, &input_ids, &labels, virtual_tokens)
 }
 
 /// A token-count bar on stderr; indicatif draws nothing when stderr is not a terminal.

@@ -1,18 +1,24 @@
 //! Parameter-efficient fine-tuning in HF PEFT's formats: LoRA configs (`adapter_config.json`),
 //! which modules they touch, adapter weights (`adapter_model.safetensors`) in and out, and
-//! merging an adapter into its base model.
+//! merging an adapter into its base model; and the prompt-learning methods (prompt tuning,
+//! P-tuning, prefix tuning) with their adapters.
 
 pub mod adapter;
 pub mod config;
+pub mod lstm;
 pub mod merge;
+pub mod prefix;
 pub mod prompt;
+pub mod prompt_config;
+pub mod prompt_encoder;
 pub mod targets;
 
 use std::path::PathBuf;
 
 pub use adapter::{load_adapter, save_adapter, AdapterFiles};
 pub use config::{LoraBias, LoraConfig, LoraInit, TargetModules};
-pub use prompt::{prefix_batch, PromptTuningConfig};
+pub use prompt::prefix_batch;
+pub use prompt_config::{PromptInit, PromptKind, PromptTuningConfig};
 pub use targets::LoraModule;
 
 use crate::error::ModelError;
@@ -59,7 +65,8 @@ pub(crate) mod tests;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdapterKind {
     Lora,
-    PromptTuning,
+    /// PROMPT_TUNING, P_TUNING or PREFIX_TUNING.
+    Prompt(PromptKind),
 }
 
 /// Which method adapter_config.json text (`file` names it in errors) describes; other
@@ -71,18 +78,20 @@ pub fn adapter_kind(file: &str, text: &str) -> Result<AdapterKind, PeftError> {
     })?;
     match value.get("peft_type").and_then(|v| v.as_str()) {
         Some("LORA") => Ok(AdapterKind::Lora),
-        Some("PROMPT_TUNING") => Ok(AdapterKind::PromptTuning),
+        Some("PROMPT_TUNING") => Ok(AdapterKind::Prompt(PromptKind::PromptTuning)),
+        Some("P_TUNING") => Ok(AdapterKind::Prompt(PromptKind::PTuning)),
+        Some("PREFIX_TUNING") => Ok(AdapterKind::Prompt(PromptKind::PrefixTuning)),
         Some(other) => Err(PeftError::Unsupported {
             file: file.to_string(),
             key: "peft_type".into(),
             value: format!("\"{other}\""),
-            hint: "rustspeed implements LORA and PROMPT_TUNING adapters".into(),
+            hint: "rustspeed implements LORA, PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters".into(),
         }),
         None => Err(PeftError::Invalid {
             file: file.to_string(),
             key: "peft_type".into(),
             value: "missing".into(),
-            expected: "\"LORA\" or \"PROMPT_TUNING\" (is this a PEFT adapter_config.json?)".into(),
+            expected: "\"LORA\", \"PROMPT_TUNING\", \"P_TUNING\" or \"PREFIX_TUNING\" (is this a PEFT adapter_config.json?)".into(),
         }),
     }
 }

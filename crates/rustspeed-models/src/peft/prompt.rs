@@ -1,25 +1,31 @@
-//! PEFT's prompt tuning (`PROMPT_TUNING`, Lester et al. 2021): `num_virtual_tokens` trained
-//! embeddings prepended to every sequence's token embeddings, the whole base frozen. Saved as
-//! PEFT does: `adapter_model.safetensors` holding `prompt_embeddings` `[n, d]`, and an
-//! adapter_config.json with `num_virtual_tokens`, `token_dim` and the rest.
+//! PEFT's prompt learning in the model: prompt tuning (`PROMPT_TUNING`, Lester et al. 2021)
+//! and P-tuning (`P_TUNING`) put `num_virtual_tokens` trained (or MLP-encoded) embeddings before
+//! every sequence's token embeddings; prefix tuning (`PREFIX_TUNING`, see `prefix`) gives every
+//! attention layer trained key/value prefixes. The whole base stays frozen. Saved as PEFT does:
+//! `adapter_model.safetensors` holding only `prompt_embeddings` (the prompt rows, an encoder's
+//! output where there is one), and adapter_config.json.
 //!
 //! The virtual tokens are positions of the batch: [`prefix_batch`] puts `n` [`VIRTUAL_TOKEN`]
 //! ids (labels ignored) before each sequence, as PEFT concatenates them before the embeddings,
 //! so positions (GPT-2's `wpe`, LLaMA's RoPE) and causal attention cover them exactly as in
 //! PEFT, and the logits have `n + T` positions per row as PEFT's do. The embedding layer puts
 //! the prompt rows in place of those ids, and in backward sums their gradients into the prompt.
+//! Prefix tuning adds no positions to the batch.
 
 use std::path::Path;
 
 use rustspeed_kernels::{DType, Float};
 use safetensors::tensor::SafeTensors;
-use serde_json::{json, Map, Value};
 
 use super::adapter::{AdapterFiles, CONFIG_FILE, WEIGHTS_FILE};
+use super::prefix::{self, SharedPrefix};
+use super::prompt_config::{PromptInit, PromptKind};
+use super::prompt_encoder::PromptPlan;
 use super::PeftError;
 use crate::init::{name_hash, NormalRng};
 use crate::layer::{Batch, IGNORE_INDEX};
 use crate::model::Model;
+use crate::params::ParamSpec;
 use crate::weights::{convert_into, save_tensors, write_atomic};
 
 /// The parameter (and PEFT's adapter key) of the prompt: `[num_virtual_tokens, hidden]`.
@@ -28,174 +34,6 @@ pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 /// The input id of a virtual-token position; outside any vocabulary, so a model without a
 /// prompt fails loudly on it.
 pub const VIRTUAL_TOKEN: u32 = u32::MAX;
-
-/// How PEFT initialises the prompt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PromptInit {
-    /// `nn.Embedding`'s default: N(0, 1).
-    Random,
-}
-
-/// The `PROMPT_TUNING` fields of adapter_config.json.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PromptTuningConfig {
-    pub num_virtual_tokens: usize,
-    /// The model's hidden size (PEFT fills it from the base config when null).
-    pub token_dim: Option<usize>,
-    pub init: PromptInit,
-    pub num_attention_heads: Option<usize>,
-    pub num_layers: Option<usize>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-}
-
-impl PromptTuningConfig {
-    pub fn new(num_virtual_tokens: usize) -> PromptTuningConfig {
-        PromptTuningConfig {
-            num_virtual_tokens,
-            token_dim: None,
-            init: PromptInit::Random,
-            num_attention_heads: None,
-            num_layers: None,
-            base_model_name_or_path: None,
-            revision: None,
-        }
-    }
-
-    /// Reads `dir/adapter_config.json` (or the file itself).
-    pub fn from_path(path: &Path) -> Result<PromptTuningConfig, PeftError> {
-        let file = if path.is_dir() {
-            path.join(CONFIG_FILE)
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&file).map_err(|source| PeftError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        Self::from_json_str(&file.display().to_string(), &text)
-    }
-
-    pub fn from_json_str(file: &str, text: &str) -> Result<PromptTuningConfig, PeftError> {
-        let map: Map<String, Value> = serde_json::from_str(text).map_err(|e| PeftError::Json {
-            file: file.to_string(),
-            message: e.to_string(),
-        })?;
-        let bad = |key: &str, v: &Value, expected: &str| PeftError::Invalid {
-            file: file.to_string(),
-            key: key.to_string(),
-            value: v.to_string(),
-            expected: expected.to_string(),
-        };
-        let unsupported = |key: &str, v: &Value, hint: &str| PeftError::Unsupported {
-            file: file.to_string(),
-            key: key.to_string(),
-            value: v.to_string(),
-            hint: hint.to_string(),
-        };
-        match map.get("peft_type") {
-            Some(Value::String(t)) if t == "PROMPT_TUNING" => {}
-            Some(v) => return Err(bad("peft_type", v, "\"PROMPT_TUNING\"")),
-            None => return Err(bad("peft_type", &Value::Null, "\"PROMPT_TUNING\"")),
-        }
-        let usize_of = |key: &str, v: &Value| -> Result<Option<usize>, PeftError> {
-            if v.is_null() {
-                return Ok(None);
-            }
-            v.as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| bad(key, v, "a positive integer"))
-        };
-        let mut c = PromptTuningConfig::new(0);
-        for (key, v) in &map {
-            match key.as_str() {
-                "num_virtual_tokens" => {
-                    c.num_virtual_tokens = usize_of(key, v)?.ok_or_else(|| {
-                        bad(key, v, "a positive integer (the prompt's length)")
-                    })?
-                }
-                "token_dim" => c.token_dim = usize_of(key, v)?,
-                "num_attention_heads" => c.num_attention_heads = usize_of(key, v)?,
-                "num_layers" => c.num_layers = usize_of(key, v)?,
-                "num_transformer_submodules" => {
-                    if !(v.is_null() || v.as_u64() == Some(1)) {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "decoder-only causal LMs have one transformer submodule",
-                        ));
-                    }
-                }
-                "task_type" => {
-                    if !(v.is_null() || v.as_str() == Some("CAUSAL_LM")) {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "rustspeed trains causal language models (task_type CAUSAL_LM)",
-                        ));
-                    }
-                }
-                "prompt_tuning_init" => match v.as_str() {
-                    Some("RANDOM") => c.init = PromptInit::Random,
-                    Some("TEXT") | Some("SAMPLE_VOCAB") => {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "prompt_tuning_init RANDOM is implemented; TEXT and SAMPLE_VOCAB initialisation are not (an existing adapter with trained embeddings loads whatever its init was)",
-                        ))
-                    }
-                    _ => return Err(bad(key, v, "\"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\"")),
-                },
-                "base_model_name_or_path" => {
-                    c.base_model_name_or_path = v.as_str().map(str::to_string)
-                }
-                "revision" => c.revision = v.as_str().map(str::to_string),
-                // Informational, or about how PEFT builds/serves the adapter.
-                "peft_type" | "inference_mode" | "auto_mapping" | "peft_version"
-                | "prompt_tuning_init_text" | "tokenizer_name_or_path" | "tokenizer_kwargs"
-                | "modules_to_save" => {}
-                _ => {
-                    return Err(unsupported(
-                        key,
-                        v,
-                        "an adapter_config.json key rustspeed does not know for PROMPT_TUNING",
-                    ))
-                }
-            }
-        }
-        if c.num_virtual_tokens == 0 {
-            return Err(bad(
-                "num_virtual_tokens",
-                &Value::Null,
-                "a positive integer",
-            ));
-        }
-        Ok(c)
-    }
-
-    /// adapter_config.json as PEFT 0.21 writes it for a causal LM.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "auto_mapping": null,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "inference_mode": true,
-            "modules_to_save": null,
-            "num_attention_heads": self.num_attention_heads,
-            "num_layers": self.num_layers,
-            "num_transformer_submodules": 1,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "peft_type": "PROMPT_TUNING",
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": null,
-            "revision": self.revision,
-            "task_type": "CAUSAL_LM",
-            "token_dim": self.token_dim,
-            "tokenizer_kwargs": null,
-            "tokenizer_name_or_path": null,
-        })
-    }
-}
 
 /// A batch with `n` virtual tokens before each of its `batch_size` sequences of `seq_len` ids,
 /// from HF-style (unshifted) labels, whose virtual positions are ignored. As in PEFT the last
@@ -246,11 +84,11 @@ pub(crate) fn real_ids(batch: &Batch, n: usize, layer: &str) -> Vec<u32> {
     ids
 }
 
-/// Puts the prompt rows at the virtual positions of `hidden` `[rows, d]`, plus the position
-/// embedding of their position where the model adds one (GPT-2).
+/// Puts the prompt rows `[n, d]` at the virtual positions of `hidden` `[rows, d]`, plus the
+/// position embedding of their position where the model adds one (GPT-2).
 pub(crate) fn place_prompt<T: Float>(
     hidden: &mut [T],
-    prompt: &[T],
+    prompt: &[f32],
     positions: Option<&[T]>,
     seq_len: usize,
     n: usize,
@@ -264,50 +102,201 @@ pub(crate) fn place_prompt<T: Float>(
                 Some(wpe) => {
                     let pos = &wpe[t * d..(t + 1) * d];
                     for ((o, p), w) in out.iter_mut().zip(p).zip(pos) {
-                        *o = T::from_f32(p.to_f32() + w.to_f32());
+                        *o = T::from_f32(p + w.to_f32());
                     }
                 }
-                None => out.copy_from_slice(p),
+                None => {
+                    for (o, p) in out.iter_mut().zip(p) {
+                        *o = T::from_f32(*p);
+                    }
+                }
             }
         }
     }
 }
 
-/// The prompt's gradient: the sum over the batch of the upstream gradient at its positions.
-pub(crate) fn prompt_backward<T: Float>(
-    dprompt: &mut [f32],
-    dhidden: &[T],
-    seq_len: usize,
-    n: usize,
-    d: usize,
-) {
+/// The prompt rows' gradient `[n, d]`: the sum over the batch of the upstream gradient at the
+/// virtual positions.
+fn prompt_rows_grad<T: Float>(dhidden: &[T], seq_len: usize, n: usize, d: usize) -> Vec<f32> {
+    let mut g = vec![0f32; n * d];
     for row in dhidden.chunks(seq_len * d) {
-        for (g, x) in dprompt.iter_mut().zip(&row[..n * d]) {
+        for (g, x) in g.iter_mut().zip(&row[..n * d]) {
             *g += x.to_f32();
         }
     }
+    g
 }
 
-/// PEFT's initialisation (RANDOM: N(0, 1)), deterministic in `seed`.
-pub fn init_prompt<T: Float>(model: &mut Model<T>, seed: u64) -> Result<(), PeftError> {
-    let values = model
-        .param_mut(PROMPT_EMBEDDINGS)
-        .ok_or_else(|| no_prompt("init_prompt"))?;
-    let mut rng = NormalRng::new(seed ^ name_hash(PROMPT_EMBEDDINGS));
-    for v in values.iter_mut() {
-        *v = T::from_f32(rng.normal() as f32);
+/// Prompt learning's part of the embedding layer: the plan's parameters (after the layer's
+/// own, from index `first`), and for prefix tuning the prefix shared with the blocks.
+pub(crate) struct PromptLayer {
+    pub plan: PromptPlan,
+    pub first: usize,
+    pub prefix: Option<SharedPrefix>,
+}
+
+impl PromptLayer {
+    /// The prompt part of an embedding layer whose own parameters number `first`.
+    pub fn new(plan: PromptPlan, first: usize, prefix: Option<SharedPrefix>) -> PromptLayer {
+        assert_eq!(
+            plan.kind == PromptKind::PrefixTuning,
+            prefix.is_some(),
+            "prefix tuning needs the shared prefix, and only it"
+        );
+        PromptLayer {
+            plan,
+            first,
+            prefix,
+        }
     }
-    Ok(())
+
+    pub fn specs(&self) -> Vec<ParamSpec> {
+        self.plan.specs()
+    }
+
+    /// Virtual tokens each row of the batch starts with (0 for prefix tuning).
+    pub fn virtual_tokens(&self) -> usize {
+        if self.prefix.is_some() {
+            0
+        } else {
+            self.plan.n
+        }
+    }
+
+    /// Computes the prompt rows. Prefix tuning hands them to the blocks and returns `None`;
+    /// the others return them for [`place_prompt`].
+    pub fn forward<T: Float>(&self, params: &[&[T]]) -> Option<Vec<f32>> {
+        let rows = self.plan.rows(&params[self.first..]);
+        match &self.prefix {
+            Some(shared) => {
+                let mut p = prefix::lock(shared);
+                p.values = rows;
+                None
+            }
+            None => Some(rows),
+        }
+    }
+
+    /// Accumulates the prompt parameters' gradients: from the virtual positions of `dhidden`
+    /// (`[rows, d]`, input prompts) or from the gradient the blocks left in the shared prefix,
+    /// which it resets for the next micro-batch.
+    pub fn backward<T: Float>(
+        &self,
+        params: &[&[T]],
+        grads: &mut [&mut [f32]],
+        dhidden: &[T],
+        seq_len: usize,
+    ) {
+        let drows = match &self.prefix {
+            Some(shared) => {
+                let mut p = prefix::lock(shared);
+                let zero = vec![0f32; p.grad.len()];
+                std::mem::replace(&mut p.grad, zero)
+            }
+            None => prompt_rows_grad(dhidden, seq_len, self.plan.n, self.plan.width),
+        };
+        self.plan
+            .backward(&params[self.first..], &mut grads[self.first..], &drows);
+    }
 }
 
 fn no_prompt(what: &str) -> PeftError {
     PeftError::Adapter {
         path: "<model>".into(),
-        message: format!("{what}: the model was not built for prompt tuning (Tuning::prompt)"),
+        message: format!("{what}: the model was not built for prompt learning (Tuning::prompt)"),
     }
 }
 
-/// Writes `dir` as PEFT's prompt-tuning adapter.
+/// The name of the model's word embeddings (what TEXT and SAMPLE_VOCAB copy from).
+fn word_embeddings<T: Float>(model: &Model<T>) -> &'static str {
+    ["transformer.wte.weight", "model.embed_tokens.weight"]
+        .into_iter()
+        .find(|n| model.layout.get(n).is_some())
+        .expect("GPT-2 and the LLaMA family have word embeddings")
+}
+
+/// PEFT's initialisation, deterministic in `seed`: RANDOM N(0, 1) prompt rows, P-tuning's and
+/// the prefix projection's encoders as `torch.nn` initialises them, prefix tuning's
+/// `init_weights = "zero"`, and for SAMPLE_VOCAB the word embeddings of uniformly drawn token
+/// ids (not torch's generator, so not the same ids). TEXT needs the tokenizer: the loader
+/// leaves it RANDOM and the caller follows with [`init_prompt_from_tokens`].
+pub fn init_prompt<T: Float>(model: &mut Model<T>, seed: u64) -> Result<(), PeftError> {
+    let cfg = model
+        .tuning
+        .prompt_config()
+        .ok_or_else(|| no_prompt("init_prompt"))?
+        .clone();
+    let plan = model.tuning.prompt_plan().expect("a prompt config");
+    let slots: Vec<_> = plan
+        .specs()
+        .iter()
+        .map(|s| model.layout.get(&s.name).expect("declared").range())
+        .collect();
+    let mut views = crate::params::disjoint_mut(&mut model.params, &slots);
+    plan.init(&mut views, cfg.init_weights_zero, seed);
+    if cfg.init == PromptInit::SampleVocab && cfg.kind == PromptKind::PromptTuning {
+        let vocab = model
+            .layout
+            .get(word_embeddings(model))
+            .expect("word embeddings")
+            .spec
+            .shape[0];
+        let mut rng = NormalRng::new(seed ^ name_hash("SAMPLE_VOCAB"));
+        let ids: Vec<u32> = (0..cfg.num_virtual_tokens)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
+        init_prompt_from_tokens(model, &ids)?;
+    }
+    Ok(())
+}
+
+/// PEFT's TEXT initialisation of a prompt-tuning prompt from the token ids of
+/// `prompt_tuning_init_text` (as the tokenizer gives them, special tokens included): cut or
+/// repeated to `num_virtual_tokens`, then those rows of the word embeddings copied.
+pub fn init_prompt_from_tokens<T: Float>(
+    model: &mut Model<T>,
+    ids: &[u32],
+) -> Result<(), PeftError> {
+    let n = model.tuning.virtual_tokens();
+    if model.tuning.prompt_config().map(|c| c.kind) != Some(PromptKind::PromptTuning) {
+        return Err(no_prompt("init_prompt_from_tokens (prompt tuning only)"));
+    }
+    let wte = model
+        .layout
+        .get(word_embeddings(model))
+        .expect("word embeddings");
+    let (vocab, d) = (wte.spec.shape[0], wte.spec.shape[1]);
+    if ids.is_empty() {
+        return Err(PeftError::Invalid {
+            file: "adapter_config.json".into(),
+            key: "prompt_tuning_init_text".into(),
+            value: "\"\"".into(),
+            expected: "a text with at least one token".into(),
+        });
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(PeftError::Invalid {
+            file: "adapter_config.json".into(),
+            key: "prompt_tuning_init_text".into(),
+            value: format!("token id {bad}"),
+            expected: format!("ids below the model's vocabulary size {vocab}"),
+        });
+    }
+    let rows: Vec<T> = ids
+        .iter()
+        .cycle()
+        .take(n)
+        .flat_map(|&i| model.params[wte.offset + i as usize * d..][..d].to_vec())
+        .collect();
+    model
+        .param_mut(PROMPT_EMBEDDINGS)
+        .ok_or_else(|| no_prompt("init_prompt_from_tokens"))?
+        .copy_from_slice(&rows);
+    Ok(())
+}
+
+/// Writes `dir` as PEFT's adapter: `prompt_embeddings` holding the prompt rows (for P-tuning
+/// and the prefix projection, the encoder's output, as PEFT's `get_prompt_embedding_to_save`).
 pub fn save_prompt_adapter<T: Float>(
     dir: &Path,
     model: &Model<T>,
@@ -317,25 +306,35 @@ pub fn save_prompt_adapter<T: Float>(
         .tuning
         .prompt_config()
         .ok_or_else(|| no_prompt("save_prompt_adapter"))?;
-    let values = model
-        .param(PROMPT_EMBEDDINGS)
-        .ok_or_else(|| no_prompt("save_prompt_adapter"))?;
+    let plan = model.tuning.prompt_plan().expect("a prompt config");
+    let views: Vec<&[T]> = plan
+        .specs()
+        .iter()
+        .map(|s| model.param(&s.name).expect("declared"))
+        .collect();
+    let rows = plan.rows(&views);
     std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let n = cfg.num_virtual_tokens;
-    let d = values.len() / n;
     let weights = dir.join(WEIGHTS_FILE);
     save_tensors(
         &weights,
-        &[(PROMPT_EMBEDDINGS.to_string(), values, vec![n, d])],
+        &[(
+            PROMPT_EMBEDDINGS.to_string(),
+            &rows[..],
+            vec![plan.n, plan.width],
+        )],
         DType::F32,
     )?;
     let mut out = cfg.clone();
-    out.token_dim = Some(d);
     if let Some(base) = base_model_name_or_path {
         out.base_model_name_or_path = Some(base.to_string());
+        // PEFT refuses a TEXT config without a tokenizer; without one named, the base
+        // model's tokenized the text.
+        if out.init == PromptInit::Text && out.tokenizer_name_or_path.is_none() {
+            out.tokenizer_name_or_path = Some(base.to_string());
+        }
     }
     let text = serde_json::to_string_pretty(&out.to_json()).expect("JSON") + "\n";
     let config = dir.join(CONFIG_FILE);
@@ -347,14 +346,20 @@ pub fn save_prompt_adapter<T: Float>(
     })
 }
 
-/// Loads `dir/adapter_model.safetensors`'s `prompt_embeddings` into a model built for prompt
-/// tuning with the same number of virtual tokens.
+/// Loads `dir/adapter_model.safetensors`'s `prompt_embeddings` into a model built for its
+/// config in the saved form (`PromptTuningConfig::saved_form`, always so for prompt tuning and
+/// prefix tuning without projection).
 pub fn load_prompt_adapter<T: Float>(dir: &Path, model: &mut Model<T>) -> Result<(), PeftError> {
     let path = dir.join(WEIGHTS_FILE);
     let err = |message: String| PeftError::Adapter {
         path: path.clone(),
         message,
     };
+    if model.tuning.prompt_plan().is_some_and(|p| p.has_encoder()) {
+        return Err(err(
+            "not supported yet: continuing a P-tuning or prefix-projection adapter (PEFT saves only the encoder's output, not the encoder; PEFT refuses to train a loaded prompt-learning adapter too)".into(),
+        ));
+    }
     let bytes = std::fs::read(&path).map_err(|source| PeftError::Io {
         path: path.clone(),
         source,
@@ -363,7 +368,7 @@ pub fn load_prompt_adapter<T: Float>(dir: &Path, model: &mut Model<T>) -> Result
     let names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
     if names.len() != 1 || names[0] != PROMPT_EMBEDDINGS {
         return Err(err(format!(
-            "a prompt-tuning adapter holds exactly `{PROMPT_EMBEDDINGS}`; found {names:?}"
+            "a prompt-learning adapter holds exactly `{PROMPT_EMBEDDINGS}`; found {names:?}"
         )));
     }
     let view = st
@@ -375,7 +380,7 @@ pub fn load_prompt_adapter<T: Float>(dir: &Path, model: &mut Model<T>) -> Result
     let numel: usize = view.shape().iter().product();
     if numel != dst.len() || view.shape().len() != 2 {
         return Err(err(format!(
-            "`{PROMPT_EMBEDDINGS}` has shape {:?}; the model expects {} values ([num_virtual_tokens, hidden])",
+            "`{PROMPT_EMBEDDINGS}` has shape {:?}; the model expects {} values ([num_virtual_tokens, width] with width the hidden size, or num_layers * 2 * token_dim for prefix tuning)",
             view.shape(),
             dst.len()
         )));

@@ -30,6 +30,8 @@ use rustspeed_config::{
 use crate::exit::UsageError;
 pub use run_loop::Interrupted;
 use run_loop::Run;
+use rustspeed_models::hf_config::{Architecture, ModelConfig};
+use rustspeed_models::Tuning;
 
 /// HF's default `max_shard_size` ("5GB").
 const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -130,7 +132,12 @@ pub struct Args {
     /// (default: PEFT's choice for the architecture).
     #[arg(long)]
     pub lora_target_modules: Option<String>,
-    /// A PEFT adapter_config.json (or a directory holding one) describing the LoRA.
+    /// Prompt tuning with N virtual tokens (PEFT's PROMPT_TUNING with its defaults: RANDOM
+    /// init); other methods and options through --peft-config.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_virtual_tokens: Option<u64>,
+    /// A PEFT adapter_config.json (or a directory holding one): LORA, PROMPT_TUNING, P_TUNING
+    /// or PREFIX_TUNING.
     #[arg(long)]
     pub peft_config: Option<PathBuf>,
     /// Continue training an existing PEFT adapter directory.
@@ -208,7 +215,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let comm = (comm.world_size() > 1).then(|| Arc::new(comm));
     let world = comm.as_ref().map_or(1, |c| c.world_size() as u64);
     let source = source::open_source(&args.model)?;
-    let max_pos = source.config.max_position_embeddings;
+    let tuning = peft::tuning_from_args(&args)?;
+    let max_pos = max_token_positions(&source.config, tuning.as_ref());
     let block_size = args.block_size.unwrap_or(max_pos.min(1024));
     for (flag, v) in [
         ("--block-size", Some(block_size)),
@@ -216,13 +224,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ] {
         if let Some(v) = v.filter(|&v| v > max_pos) {
             return Err(UsageError(format!(
-                "{flag} {v} exceeds the model's maximum positions ({max_pos})"
+                "{flag} {v} exceeds the model's maximum positions ({max_pos}, after the prompt's virtual tokens)"
             ))
             .into());
         }
     }
-    let tuning = peft::tuning_from_args(&args)?;
-    let data = source::prepare_data(&args, &source, block_size)?;
+    let data = source::prepare_data(&args, &source, block_size, max_pos)?;
     let num_samples = data.train.samples.len();
 
     let raw = load(&args.deepspeed_config)?;
@@ -331,6 +338,17 @@ fn relaunch(n: usize) -> anyhow::Result<()> {
     } else {
         // The launcher has already said which rank failed and why.
         std::process::exit(status.code().unwrap_or(1));
+    }
+}
+
+/// Positions left for the tokens: GPT-2's learned position embeddings end at n_positions, and
+/// prompt learning's virtual tokens (or prefix) take the first ones. RoPE models have no such
+/// end, so their maximum positions stay as the config says.
+fn max_token_positions(cfg: &ModelConfig, tuning: Option<&Tuning>) -> usize {
+    let max = cfg.max_position_embeddings;
+    match (cfg.architecture, tuning) {
+        (Architecture::Gpt2, Some(t)) => max.saturating_sub(t.virtual_tokens() + t.prefix_tokens()),
+        _ => max,
     }
 }
 

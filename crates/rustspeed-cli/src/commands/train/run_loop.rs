@@ -17,6 +17,7 @@ use rustspeed_kernels::Float;
 use rustspeed_models::export::save_pretrained;
 use rustspeed_models::hf_config::Architecture;
 use rustspeed_models::loader::{build_model, load_model, LoadError};
+use rustspeed_models::peft::prefix_batch;
 use rustspeed_models::Batch;
 use rustspeed_models::{gpt2, llama};
 use serde_json::json;
@@ -46,7 +47,7 @@ pub struct Run<'a> {
     pub fallback_schedule: Option<LrScheduleParams>,
     /// The data-parallel group when several ranks run.
     pub comm: Option<Arc<Communicator>>,
-    /// LoRA / QLoRA; `None` trains every parameter.
+    /// LoRA / QLoRA / prompt learning; `None` trains every parameter.
     pub tuning: Option<rustspeed_models::Tuning>,
 }
 
@@ -68,9 +69,17 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn to_engine_batch(samples: &[&Sample], pad: u32) -> Batch {
+/// The engine's batch of `samples`, with `virtual_tokens` virtual-token positions before each
+/// sequence for prompt tuning and P-tuning (PEFT prepends the prompt, labels ignored).
+fn to_engine_batch(samples: &[&Sample], pad: u32, virtual_tokens: usize) -> Batch {
     let b = collate(samples, pad, None);
-    Batch::from_hf_labels(b.batch_size, b.seq_len, b.input_ids, &b.labels)
+    prefix_batch(
+        b.batch_size,
+        b.seq_len,
+        &b.input_ids,
+        &b.labels,
+        virtual_tokens,
+    )
 }
 
 /// HF Trainer's eval_loss: the mean over eval batches of each batch's mean token loss,
@@ -80,11 +89,12 @@ fn evaluate<T: Float>(
     samples: &[Sample],
     batch_size: usize,
     pad: u32,
+    virtual_tokens: usize,
 ) -> anyhow::Result<f64> {
     let (mut sum, mut n) = (0.0f64, 0usize);
     for chunk in samples.chunks(batch_size) {
         let refs: Vec<&Sample> = chunk.iter().collect();
-        let loss = engine.eval_loss(&to_engine_batch(&refs, pad))?;
+        let loss = engine.eval_loss(&to_engine_batch(&refs, pad, virtual_tokens))?;
         sum += loss.mean() * chunk.len() as f64;
         n += chunk.len();
     }
@@ -242,6 +252,7 @@ impl Run<'_> {
         };
         let interrupted = interrupt_flag();
         let pad = self.source.tokenizer.eos_token_id().unwrap_or(0);
+        let n_virtual = self.tuning.as_ref().map_or(0, |t| t.virtual_tokens());
         let print_every = self.config.steps_per_print;
         let eval_every = args.eval_steps.unwrap_or(args.logging_steps);
         let (mut total_tokens, t_train) = (0u64, Instant::now());
@@ -250,7 +261,13 @@ impl Run<'_> {
         let eval_samples = eval_samples.filter(|_| main);
         if let Some(eval) = eval_samples.filter(|_| args.eval_on_start) {
             if engine.global_steps() == 0 {
-                let loss = evaluate(&mut engine, eval, args.per_device_eval_batch_size, pad)?;
+                let loss = evaluate(
+                    &mut engine,
+                    eval,
+                    args.per_device_eval_batch_size,
+                    pad,
+                    n_virtual,
+                )?;
                 write_metric(json!({ "step": 0, "eval_loss": loss }))?;
                 eval_curve.push((0.0, loss));
                 log(format!("step 0: eval_loss {loss:.4}"));
@@ -263,7 +280,7 @@ impl Run<'_> {
                 .chunks(micro)
                 .map(|idx| {
                     let refs: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
-                    to_engine_batch(&refs, pad)
+                    to_engine_batch(&refs, pad, n_virtual)
                 })
                 .collect();
             let tokens: u64 = step.samples.iter().map(|&i| samples[i].len() as u64).sum();
@@ -305,7 +322,13 @@ impl Run<'_> {
             }
             let last = n == self.max_steps;
             if let Some(eval) = eval_samples.filter(|_| n % eval_every == 0 || last) {
-                let loss = evaluate(&mut engine, eval, args.per_device_eval_batch_size, pad)?;
+                let loss = evaluate(
+                    &mut engine,
+                    eval,
+                    args.per_device_eval_batch_size,
+                    pad,
+                    n_virtual,
+                )?;
                 write_metric(json!({ "step": n, "eval_loss": loss }))?;
                 eval_curve.push((n as f64, loss));
                 last_eval = Some((n, loss));

@@ -86,6 +86,7 @@ pub fn prepare_data(
     args: &Args,
     source: &Source,
     block_size: usize,
+    max_positions: usize,
 ) -> anyhow::Result<PreparedData> {
     let data_err = |e: rustspeed_data::DataError| DataError(e.to_string());
     let mut cfg = DataConfig::new(vec![args.data.clone()]);
@@ -115,10 +116,7 @@ pub fn prepare_data(
     cfg.skip_bad_records = args.skip_bad_records;
     cfg.packing = args.packing;
     cfg.block_size = block_size;
-    cfg.max_length = Some(
-        args.max_length
-            .unwrap_or(source.config.max_position_embeddings),
-    );
+    cfg.max_length = Some(args.max_length.unwrap_or(max_positions));
     cfg.seed = args.seed;
     let tok = &source.tokenizer;
     let eos = tok.eos_token_id().ok_or_else(|| {
