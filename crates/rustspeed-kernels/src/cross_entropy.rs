@@ -257,44 +257,58 @@ fn fused<T: Float, G: Float, L: Label>(
     let count = check_labels(labels, v)?;
     let chunk = chunk_rows(v);
     let need = chunk.min(n) * v;
-    // The bf16 path's dlogits live after the f32 logits, in the same reused scratch.
-    let bf16_grads = grads.is_some() && as_bf16(weight).is_some() && bf16_gemm::available();
-    let extra = if bf16_grads { need.div_ceil(2) } else { 0 };
-    if scratch.len() < need + extra {
-        scratch.resize(need + extra, 0.0);
+    if let (Some((dh, dweight)), Some(w16), Some(h16), true) = (
+        grads.as_mut(),
+        as_bf16(weight),
+        as_bf16(h),
+        bf16_gemm::available(),
+    ) {
+        // The bf16 dlogits of a gradient chunk live after the f32 logits, in the same scratch.
+        let gchunk = grad_chunk_rows(v).max(chunk);
+        let gneed = gchunk.min(n) * v;
+        if scratch.len() < need + gneed.div_ceil(2) {
+            scratch.resize(need + gneed.div_ceil(2), 0.0);
+        }
+        let (logits, tail) = scratch.split_at_mut(need);
+        // SAFETY: `tail` holds at least gneed/2 f32s = `gneed` bf16s, bf16's alignment (2)
+        // divides f32's, and the two views do not overlap.
+        let d16 =
+            unsafe { std::slice::from_raw_parts_mut(tail.as_mut_ptr().cast::<bf16>(), gneed) };
+        let rows = Rows {
+            n,
+            c,
+            v,
+            chunk,
+            gchunk,
+        };
+        let nll_sum = fused_bf16(
+            dh,
+            dweight.as_deref_mut(),
+            h16,
+            w16,
+            labels,
+            rows,
+            grad_scale,
+            logits,
+            d16,
+        );
+        return Ok(CrossEntropyStats { nll_sum, count });
     }
-    let (logits_buf, tail) = scratch.split_at_mut(need);
-    // SAFETY: `tail` holds at least need/2 f32s = `need` bf16s, and bf16's alignment (2) divides
-    // f32's; the two views do not overlap.
-    let scratch16: &mut [bf16] = if bf16_grads {
-        unsafe { std::slice::from_raw_parts_mut(tail.as_mut_ptr().cast::<bf16>(), need) }
-    } else {
-        &mut []
-    };
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
     let want_grad = grads.is_some().then_some(grad_scale);
     let mut nll_sum = 0f64;
     for r0 in (0..n).step_by(chunk) {
         let m = chunk.min(n - r0);
         let (h_chunk, l_chunk) = (&h[r0 * c..(r0 + m) * c], &labels[r0..r0 + m]);
-        let logits = &mut logits_buf[..m * v];
+        let logits = &mut scratch[..m * v];
         matmul(logits, h_chunk, weight, m, c, v, false, true, false);
         nll_sum += rows_loss(logits, l_chunk, v, want_grad);
         if let Some((dh, dweight)) = grads.as_mut() {
             let dh_chunk = &mut dh[r0 * c..(r0 + m) * c];
             if l_chunk.iter().all(|l| l.as_i64() == IGNORE_INDEX) {
                 dh_chunk.fill(T::from_f32(0.0));
-                continue;
-            }
-            // bf16 operands: round dlogits to bf16 too (as PyTorch's bf16 backward does), so
-            // both gradient matmuls run on `vdpbf16ps` instead of converting W to f32 per chunk.
-            if let (Some(w16), true) = (as_bf16(weight), bf16_grads) {
-                let d16 = &mut scratch16[..m * v];
-                convert_into(d16, logits);
-                let h16 = as_bf16(h_chunk).expect("h has the weight's dtype");
-                matmul(dh_chunk, &*d16, w16, m, v, c, false, false, false);
-                if let Some(dw) = dweight.as_deref_mut() {
-                    matmul(dw, &*d16, h16, v, m, c, true, false, true);
-                }
                 continue;
             }
             let dlogits = &*logits;
@@ -305,6 +319,94 @@ fn fused<T: Float, G: Float, L: Label>(
         }
     }
     Ok(CrossEntropyStats { nll_sum, count })
+}
+
+/// Row counts of the fused kernel: `n` rows of width `c`, vocabulary `v`; logits are formed
+/// `chunk` rows at a time, gradients `gchunk` rows at a time (bf16 path).
+#[derive(Clone, Copy)]
+struct Rows {
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk: usize,
+    gchunk: usize,
+}
+
+/// Rows per gradient chunk of the bf16 path: 32 MiB of bf16 dlogits, as many bytes as the f32
+/// logits chunk. `dW += dlogits^T h` reads and writes all of `dW` (f32, vocab x hidden) once per
+/// gradient chunk, so fewer, taller chunks save that traffic: for GPT-2, 154 MB each way.
+fn grad_chunk_rows(v: usize) -> usize {
+    ((2 * CHUNK_ELEMS) / v.max(1)).clamp(8, 1024)
+}
+
+/// The fused kernel with bf16 weight and hidden states: dlogits are rounded to bf16 (as
+/// PyTorch's bf16 backward does), so both gradient matmuls run on `vdpbf16ps` instead of
+/// converting the weight to f32 per chunk. Logits are formed and reduced in f32 `chunk` rows
+/// at a time; their bf16 gradients are gathered for `gchunk` rows, then multiplied out.
+#[allow(clippy::too_many_arguments)]
+fn fused_bf16<T: Float, G: Float, L: Label>(
+    dh: &mut [T],
+    mut dweight: Option<&mut [G]>,
+    h: &[bf16],
+    weight: &[bf16],
+    labels: &[L],
+    rows: Rows,
+    grad_scale: f32,
+    logits: &mut [f32],
+    d16: &mut [bf16],
+) -> f64 {
+    let Rows {
+        n,
+        c,
+        v,
+        chunk,
+        gchunk,
+    } = rows;
+    let mut nll_sum = 0f64;
+    for g0 in (0..n).step_by(gchunk) {
+        let gm = gchunk.min(n - g0);
+        for r0 in (g0..g0 + gm).step_by(chunk) {
+            let m = chunk.min(g0 + gm - r0);
+            let logits = &mut logits[..m * v];
+            matmul(
+                logits,
+                &h[r0 * c..(r0 + m) * c],
+                weight,
+                m,
+                c,
+                v,
+                false,
+                true,
+                false,
+            );
+            nll_sum += rows_loss(logits, &labels[r0..r0 + m], v, Some(grad_scale));
+            convert_into(&mut d16[(r0 - g0) * v..(r0 - g0 + m) * v], logits);
+        }
+        let dh_chunk = &mut dh[g0 * c..(g0 + gm) * c];
+        if labels[g0..g0 + gm]
+            .iter()
+            .all(|l| l.as_i64() == IGNORE_INDEX)
+        {
+            dh_chunk.fill(T::from_f32(0.0));
+            continue;
+        }
+        let dl = &d16[..gm * v];
+        matmul(dh_chunk, dl, weight, gm, v, c, false, false, false);
+        if let Some(dw) = dweight.as_deref_mut() {
+            matmul(
+                dw,
+                dl,
+                &h[g0 * c..(g0 + gm) * c],
+                v,
+                gm,
+                c,
+                true,
+                false,
+                true,
+            );
+        }
+    }
+    nll_sum
 }
 
 /// Fused LM head + cross-entropy, forward and backward in one pass.
@@ -618,6 +720,67 @@ mod tests {
             assert_close("dh", &dh, &f64s(&want_dh), 1e-5);
             assert_close("dweight", &dw, &f64s(&want_dw), 1e-6);
         }
+    }
+
+    /// The bf16 path's two chunk sizes (logits 8 rows, gradients 16 rows here), with a fully
+    /// ignored gradient chunk and a short last one: loss as f32 on the same values, gradients
+    /// exactly those of round_bf16(dlogits).
+    #[test]
+    fn bf16_gradient_chunks_equal_the_reference() {
+        if !crate::bf16_gemm::available() {
+            return;
+        }
+        let mut rng = Rng::new(67);
+        let v = CHUNK_ELEMS / 8;
+        assert_eq!((chunk_rows(v), grad_chunk_rows(v)), (8, 16));
+        let (n, c) = (37, 3);
+        let b = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+        let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+        let (h, w) = (b(rng.vec(n * c, 1.0)), b(rng.vec(v * c, 1.0)));
+        let mut labels: Vec<i64> = (0..n).map(|_| rng.below(v) as i64).collect();
+        labels[16..32].fill(IGNORE_INDEX);
+        labels[5] = IGNORE_INDEX;
+        let count = labels.iter().filter(|l| **l != IGNORE_INDEX).count();
+        let scale = 1.0 / count as f32;
+        let mut dh = vec![bf16::NAN; n * c];
+        let (mut dw, mut scratch) = (vec![0f32; v * c], Vec::new());
+        let stats = lm_head_cross_entropy(
+            &mut dh,
+            Some(&mut dw),
+            &h,
+            &w,
+            &labels,
+            n,
+            c,
+            v,
+            scale,
+            &mut scratch,
+        )
+        .unwrap();
+        let (hf, wf) = (f(&h), f(&w));
+        let mut logits = vec![0f32; n * v];
+        lm_head_logits(&mut logits, &hf, &wf, &(0..n).collect::<Vec<_>>(), c, v).unwrap();
+        let r = softmax_cross_entropy_forward(&logits, &labels, n, v).unwrap();
+        assert_eq!(r.count, stats.count);
+        assert!(
+            (r.nll_sum - stats.nll_sum).abs() < 1e-6 * r.nll_sum,
+            "{r:?} vs {stats:?}"
+        );
+        let mut dlogits = vec![0f32; n * v];
+        softmax_cross_entropy_backward(&mut dlogits, &logits, &labels, n, v, scale).unwrap();
+        let (mut want_dh, mut want_dw) = (vec![0f64; n * c], vec![0f64; v * c]);
+        for (r, row) in dlogits.chunks_exact(v).enumerate() {
+            for (j, &d) in row.iter().enumerate() {
+                let d = bf16::from_f32(d).to_f32() as f64;
+                for k in 0..c {
+                    want_dh[r * c + k] += d * wf[j * c + k] as f64;
+                    want_dw[j * c + k] += d * hf[r * c + k] as f64;
+                }
+            }
+        }
+        assert_close("bf16 dh", &f(&dh), &want_dh, 1e-2);
+        assert_close("bf16 dweight", &dw, &want_dw, 1e-5);
+        assert!(dh[16 * c..32 * c].iter().all(|x| x.to_f32() == 0.0));
     }
 
     #[test]
