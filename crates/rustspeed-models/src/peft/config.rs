@@ -140,16 +140,8 @@ impl LoraConfig {
 
     /// Reads `dir/adapter_config.json` (or the file itself).
     pub fn from_path(path: &Path) -> Result<LoraConfig, PeftError> {
-        let file = if path.is_dir() {
-            path.join("adapter_config.json")
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&file).map_err(|source| PeftError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        Self::from_json_str(&file.display().to_string(), &text)
+        let (file, text) = super::read_config_file(path)?;
+        Self::from_json_str(&file, &text)
     }
 
     /// Parses adapter_config.json text; `file` names it in errors.

@@ -61,6 +61,21 @@ pub enum PeftError {
 #[cfg(test)]
 pub(crate) mod tests;
 
+/// `path`'s adapter_config.json (`path` is the adapter directory or the file itself): its name
+/// for error messages and its text.
+pub(crate) fn read_config_file(path: &std::path::Path) -> Result<(String, String), PeftError> {
+    let file = if path.is_dir() {
+        path.join(adapter::CONFIG_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|source| PeftError::Io {
+        path: file.clone(),
+        source,
+    })?;
+    Ok((file.display().to_string(), text))
+}
+
 /// The PEFT methods rustspeed reads from adapter_config.json.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdapterKind {

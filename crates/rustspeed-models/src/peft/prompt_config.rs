@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::adapter::CONFIG_FILE;
 use super::PeftError;
 
 /// Which prompt-learning method.
@@ -131,16 +130,8 @@ impl PromptTuningConfig {
 
     /// Reads `dir/adapter_config.json` (or the file itself).
     pub fn from_path(path: &Path) -> Result<PromptTuningConfig, PeftError> {
-        let file = if path.is_dir() {
-            path.join(CONFIG_FILE)
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&file).map_err(|source| PeftError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        Self::from_json_str(&file.display().to_string(), &text)
+        let (file, text) = super::read_config_file(path)?;
+        Self::from_json_str(&file, &text)
     }
 
     pub fn from_json_str(file: &str, text: &str) -> Result<PromptTuningConfig, PeftError> {
