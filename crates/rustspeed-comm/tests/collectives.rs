@@ -126,6 +126,79 @@ fn f16_world_3() {
     check_all::<f16>(3, 4096, &[0, 5, 1000, 9001]);
 }
 
+/// Outputs written with streaming stores (threshold 0: every collective streams), with a
+/// ring of 2 and of 8 slots: rank-ahead pipelining over many small chunks.
+#[test]
+fn streamed_outputs_and_slot_rings() {
+    for slots in [2, 8] {
+        for stream in [0, usize::MAX] {
+            let cfg = CommConfig {
+                shm_slots: slots,
+                shm_stream_min_bytes: stream,
+                ..small(4096)
+            };
+            for world in [2, 3, 4] {
+                check_all_cfg::<f32>(world, cfg.clone(), &[0, 7, 4099, 30_011, 70_001]);
+                check_all_cfg::<bf16>(world, cfg.clone(), &[5, 30_011]);
+            }
+            check_all_cfg::<f16>(3, cfg, &[9001]);
+        }
+    }
+}
+
+/// Ranks that reach collectives at different times (one sleeps, another is slowed
+/// mid-stream): runahead must never let a rank refill a slot a peer has not read, nor read
+/// one before it is filled, across collectives of every kind back to back.
+#[test]
+fn uneven_arrival_with_runahead() {
+    for slots in [2, 4] {
+        let cfg = CommConfig {
+            shm_slots: slots,
+            shm_stream_min_bytes: 1 << 14,
+            ..small(4096)
+        };
+        run(3, cfg, |comm| {
+            let (ws, me) = (comm.world_size(), comm.rank());
+            for it in 0..24usize {
+                if (it + me) % 3 == 0 {
+                    std::thread::sleep(Duration::from_millis(((it * 7 + me) % 4) as u64));
+                }
+                let n = [1, 999, 5000, 40_000][it % 4] + it;
+                let c = partition_len(n, ws);
+                let inputs: Vec<Vec<f32>> = (0..ws).map(|r| data::<f32>(r, n, it)).collect();
+                let want = reduce_reference(&inputs, ReduceOp::Sum);
+                let mut out = vec![0f32; c];
+                comm.reduce_scatter(&inputs[me], &mut out, ReduceOp::Sum)
+                    .unwrap();
+                let mut full = vec![0f32; n];
+                comm.all_gather(&out, &mut full).unwrap();
+                assert_eq!(full, want, "reduce_scatter + all_gather it={it} rank={me}");
+                let mut buf = inputs[me].clone();
+                comm.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
+                assert_eq!(buf, want, "all_reduce it={it} rank={me}");
+                let mut b = inputs[me].clone();
+                comm.broadcast(&mut b, it % ws).unwrap();
+                assert_eq!(b, inputs[it % ws], "broadcast it={it} rank={me}");
+            }
+        });
+    }
+}
+
+#[test]
+fn slot_count_must_be_a_power_of_two() {
+    let cfg = CommConfig {
+        shm_slots: 3,
+        timeout: Duration::from_secs(2),
+        ..small(4096)
+    };
+    let e = match Communicator::local_group(2, cfg) {
+        Err(e) => e,
+        Ok(_) => panic!("3 slots per rank were accepted"),
+    };
+    assert!(e.message.contains("3 slots per rank"), "{e}");
+    assert!(e.message.contains("power of two"), "{e}");
+}
+
 #[test]
 fn large_buffers_default_halves() {
     // Several pipelined rounds with the default 1 MiB halves.
