@@ -256,7 +256,22 @@ fn every_user_config_trains() {
 /// process: same losses, grad norms and lrs step by step; rank 0 alone writes the outputs.
 #[test]
 fn two_ranks_at_stage_2_train_like_one_process() {
-    let dir = tempdir("ranks");
+    two_ranks_train_like_one_process(serde_json::json!({"stage": 2}), &[]);
+}
+
+/// The same at ZeRO-3 (every parameter partitioned, gathered layer by layer), with an eval
+/// split, which every rank evaluates at stage 3, and the export gathered from the pieces.
+#[test]
+fn two_ranks_at_stage_3_train_like_one_process() {
+    two_ranks_train_like_one_process(
+        serde_json::json!({"stage": 3, "stage3_param_persistence_threshold": 0}),
+        &["--eval-split", "0.25"],
+    );
+}
+
+fn two_ranks_train_like_one_process(zero: Value, extra_args: &[&str]) {
+    let stage = zero["stage"].as_u64().unwrap();
+    let dir = tempdir(&format!("ranks-{stage}"));
     let ds = write_config(
         &dir,
         serde_json::json!({
@@ -264,15 +279,16 @@ fn two_ranks_at_stage_2_train_like_one_process() {
             "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
             "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": 2}
+            "zero_optimization": zero
         }),
     );
     let data = train_golden().join("text.jsonl");
-    let runs: Vec<Vec<Value>> = [None, Some("2")]
+    let runs: Vec<(Vec<Value>, Vec<u8>)> = [None, Some("2")]
         .iter()
         .map(|ranks| {
             let out = dir.join(format!("out-{}", ranks.unwrap_or("1")));
             let mut extra = vec!["--no-shuffle", "--warmup-steps", "1"];
+            extra.extend_from_slice(extra_args);
             if let Some(n) = ranks {
                 extra.extend(["--nproc-per-node", n]);
             }
@@ -286,22 +302,45 @@ fn two_ranks_at_stage_2_train_like_one_process() {
                 );
             }
             assert!(out.join("final/config.json").is_file());
-            metrics(&out)
+            let weights = std::fs::read(out.join("final/model.safetensors")).unwrap();
+            (metrics(&out), weights)
         })
         .collect();
-    assert_eq!(runs[0].len(), 2);
-    assert_eq!(runs[1].len(), 2, "rank 0 alone writes metrics.jsonl");
-    for (a, b) in runs[0].iter().zip(&runs[1]) {
+    let train = |m: &[Value]| -> Vec<Value> {
+        m.iter()
+            .filter(|l| l.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let (one, two) = (train(&runs[0].0), train(&runs[1].0));
+    assert_eq!(one.len(), 2);
+    assert_eq!(two.len(), 2, "rank 0 alone writes metrics.jsonl");
+    for (a, b) in one.iter().zip(&two) {
         assert_eq!(a["tokens"], b["tokens"]);
         for key in ["loss", "grad_norm", "lr"] {
             close(
                 b[key].as_f64().unwrap(),
                 a[key].as_f64().unwrap(),
                 1e-5,
-                &format!("step {} {key}", a["step"]),
+                &format!("stage {stage} step {} {key}", a["step"]),
             );
         }
     }
+    let evals = |m: &[Value]| -> Vec<f64> {
+        m.iter()
+            .filter_map(|l| l.get("eval_loss").and_then(Value::as_f64))
+            .collect()
+    };
+    let (e1, e2) = (evals(&runs[0].0), evals(&runs[1].0));
+    assert_eq!(e1.len(), e2.len());
+    for (a, b) in e1.iter().zip(&e2) {
+        close(*b, *a, 1e-5, &format!("stage {stage} eval_loss"));
+    }
+    if !extra_args.is_empty() {
+        assert!(!e1.is_empty(), "the eval split was evaluated");
+    }
+    // The exported weights are the same size whatever the partitioning (the whole model).
+    assert_eq!(runs[0].1.len(), runs[1].1.len());
 }
 
 /// LoRA through the command: a PEFT adapter directory as the output (PEFT's key names), a

@@ -10,7 +10,8 @@
 //!
 //! Stage 2 here reduces at the boundary rather than in buckets during backward, so a rank still
 //! holds the full gradient buffer while accumulating (the bucketed, overlapped reduction is issue
-//! 6's remaining work; the arithmetic is the same).
+//! 6's remaining work; the arithmetic is the same). Stage 3 is `zero3.rs`; it uses this only for
+//! the scalar reductions (norm, loss, counts).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -131,6 +132,13 @@ impl DataParallel {
         let mut v = [x as f32];
         self.comm.all_reduce(&mut v, ReduceOp::Mean)?;
         Ok(v[0] as f64)
+    }
+
+    /// Maximum over ranks (micro-batches of a partial step).
+    pub fn max(&self, x: u64) -> Result<u64, rustspeed_comm::CommError> {
+        let mut v = [x as f32];
+        self.comm.all_reduce(&mut v, ReduceOp::Max)?;
+        Ok(v[0].round() as u64)
     }
 
     /// Sum over ranks (samples of a partial step).

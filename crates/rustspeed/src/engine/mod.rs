@@ -18,13 +18,16 @@
 //!
 //! Buffers are laid out for ZeRO: the fp32 gradient, master and optimizer buffers cover the
 //! trainable parameters' flat layout ([`FlatLayout`]), and the optimizer steps the partition
-//! `[lo, hi)` (everything with one process).
+//! `[lo, hi)` (everything with one process). At stage 3 over several ranks (`zero3.rs`) they
+//! cover this rank's pieces of each parameter instead, the model's parameter buffer is freed,
+//! and forward/backward gather each layer when it runs.
 
 mod dp;
 mod eval;
 mod grads;
 mod resume;
 mod schedule;
+mod zero3;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -45,6 +48,7 @@ use crate::optimizer::{
 use crate::precision::{self, PrecisionError};
 
 pub use schedule::schedule_params;
+pub use zero3::{ShardSlot, Zero3Layout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -178,6 +182,9 @@ pub struct Engine<T: Float> {
     last_grad_norm: Option<f64>,
     /// Set when training over several ranks.
     dp: Option<dp::DataParallel>,
+    /// Set at ZeRO stage 3 over several ranks: the parameters' pieces; `model.params` is then
+    /// empty (see [`Engine::materialize_params`]).
+    z3: Option<zero3::Zero3<T>>,
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -214,11 +221,6 @@ impl<T: Float> Engine<T> {
                     comm: c.world_size(),
                 });
             }
-            if config.zero_stage() >= 3 {
-                return Err(EngineError::NotSupported(
-                    "ZeRO stage 3 over several ranks (issue 6); use stage 0-2".into(),
-                ));
-            }
             // They change the arithmetic of the reduction; ignoring them would train differently
             // than asked.
             if config.prescale_gradients || config.gradient_predivide_factor != 1.0 {
@@ -248,11 +250,48 @@ impl<T: Float> Engine<T> {
                 "LAMB with ZeRO stage 1-2 over several ranks (its per-tensor trust ratio needs norms across partitions)".into(),
             ));
         }
-        let partition: Range<usize> = dp
-            .as_ref()
-            .map_or(0..flat.numel, |d| d.partition(flat.numel));
+        let mut model = model;
+        let z3 = match &dp {
+            Some(d) if d.stage >= 3 => {
+                let zc = &config.zero_optimization;
+                let layout = zero3::Zero3Layout::new(
+                    &model.layout,
+                    &flat,
+                    d.world(),
+                    d.rank(),
+                    zc.param_persistence_threshold,
+                    zc.model_persistence_threshold,
+                );
+                let (shards, resident) = layout.split(&model.layout, &model.params);
+                // The point of stage 3: the whole buffer goes; layers are gathered on demand.
+                model.params = Vec::new();
+                Some(zero3::Zero3::new(
+                    d.comm.clone(),
+                    d.op,
+                    layout,
+                    shards,
+                    resident,
+                    zc.prefetch_bucket_size > 0,
+                    zc.overlap_comm,
+                ))
+            }
+            _ => None,
+        };
+        let partition: Range<usize> = match (&dp, &z3) {
+            (_, Some(z)) => 0..z.layout.train_numel,
+            (Some(d), None) => d.partition(flat.numel),
+            (None, None) => 0..flat.numel,
+        };
         let master = if config.precision == Precision::Fp32 {
             Vec::new()
+        } else if let Some(z) = &z3 {
+            let mut m = vec![0.0f32; partition.len()];
+            for (_, f, range) in z.layout.flat.pieces(partition.clone()) {
+                for (d, s) in m[f].iter_mut().zip(&z.shards[range]) {
+                    *d = s.to_f32();
+                }
+            }
+            m
         } else {
             let mut m = vec![0.0f32; partition.len()];
             for (_, f, range) in flat.pieces(partition.clone()) {
@@ -272,7 +311,14 @@ impl<T: Float> Engine<T> {
             (None, None) => None,
         };
         let engine = Engine {
-            grads: vec![0.0; dp.as_ref().map_or(flat.numel, |d| d.padded)],
+            grads: vec![
+                0.0;
+                match (&z3, &dp) {
+                    (Some(z), _) => z.layout.train_numel,
+                    (None, Some(d)) => d.padded,
+                    (None, None) => flat.numel,
+                }
+            ],
             master,
             optimizer,
             scheduler,
@@ -289,6 +335,7 @@ impl<T: Float> Engine<T> {
             pending: None,
             last_grad_norm: None,
             dp,
+            z3,
             flat,
             model,
             config: config.clone(),
@@ -335,6 +382,20 @@ impl<T: Float> Engine<T> {
                 layer: String::new(),
             });
         };
+        if let Some(z3) = &mut self.z3 {
+            // A materialized copy (exports) is stale once training goes on.
+            model.params = Vec::new();
+            let loss = zero3::forward(model, z3, Some(&ctx))?;
+            let loss = loss.ok_or_else(|| EngineError::NoLoss {
+                layer: model.layers[last].name().to_string(),
+            })?;
+            self.pending = Some(Pending {
+                batch: batch.clone(),
+                dropout_seed: seed,
+                grad_scale,
+            });
+            return Ok(loss.mean() as f32);
+        }
         let mut flow = Flow::default();
         for i in 0..last {
             let views = model.layout.layer_views(i, &model.params);
@@ -377,7 +438,10 @@ impl<T: Float> Engine<T> {
             dropout_seed: pending.dropout_seed,
             grad_scale: pending.grad_scale,
         };
-        grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx);
+        match &mut self.z3 {
+            Some(z3) => zero3::backward(&mut self.model, z3, &mut self.grads, Some(&ctx))?,
+            None => grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx),
+        }
         Ok(())
     }
 
@@ -402,7 +466,7 @@ impl<T: Float> Engine<T> {
         let part = self.optimizer.partition.clone();
         let loss_scale = self.scaler.loss_scale();
         let lr = self.lr();
-        if let Some(dp) = &self.dp {
+        if let (Some(dp), None) = (&self.dp, &self.z3) {
             dp.reduce_grads(&mut self.grads, self.flat.numel)?;
         }
         let local = grad_norm(&self.grads[part]);
@@ -429,11 +493,18 @@ impl<T: Float> Engine<T> {
             clip_coef = clip_coefficient(norm.norm(), loss_scale, self.clipping);
             let grad_scale = (1.0 / (loss_scale * clip_coef)) as f32;
             let hyper = self.step_hyper();
-            let weights = precision::weights_view(&mut self.model.params, &mut self.master);
-            self.optimizer
-                .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
-            if let Some(dp) = &self.dp {
-                dp.gather_params(&self.flat, &mut self.model.params)?;
+            if let Some(z3) = &mut self.z3 {
+                let weights = precision::weights_view(&mut z3.shards, &mut self.master);
+                self.optimizer
+                    .apply(&z3.layout.flat, weights, &self.grads, grad_scale, &hyper)?;
+                z3.refresh_resident()?;
+            } else {
+                let weights = precision::weights_view(&mut self.model.params, &mut self.master);
+                self.optimizer
+                    .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
+                if let Some(dp) = &self.dp {
+                    dp.gather_params(&self.flat, &mut self.model.params)?;
+                }
             }
             self.scaler.update_scale(false)?;
             if let Some(s) = &mut self.scheduler {
@@ -541,6 +612,12 @@ impl<T: Float> Engine<T> {
             Some(dp) => (dp.sum(n)?, dp.world() as u64),
             None => (n, 1),
         };
+        // Stage 3 communicates during every micro-step: a rank with fewer micro-batches joins
+        // the others' collectives with nothing to add.
+        let most = match (&self.dp, &self.z3) {
+            (Some(dp), Some(_)) => dp.max(n)?,
+            _ => n,
+        };
         if total == 0 {
             return Err(EngineError::PartialStep {
                 gas: self.gas,
@@ -558,6 +635,9 @@ impl<T: Float> Engine<T> {
                 sum += self.forward(batch)? as f64;
                 self.backward()?;
                 self.micro_steps = start + i as u64 + 1;
+            }
+            for _ in n..most {
+                self.idle_micro_step()?;
             }
             self.micro_steps = start + self.gas - 1;
             let mut step = self.take_model_step()?;
@@ -635,7 +715,8 @@ impl<T: Float> Engine<T> {
         &self.optimizer
     }
 
-    /// The accumulated (loss-scaled) fp32 gradients in flat coordinates.
+    /// The accumulated (loss-scaled) fp32 gradients in flat coordinates (at stage 3: this
+    /// rank's pieces, [`Zero3Layout::train_ranges`]).
     pub fn grads(&self) -> &[f32] {
         &self.grads
     }
@@ -647,7 +728,10 @@ impl<T: Float> Engine<T> {
 
     /// Bytes this engine holds for model states, counted from its allocations.
     pub fn model_state_bytes(&self) -> ModelStateBytes {
-        let weights = (self.model.params.len() * std::mem::size_of::<T>()) as u64;
+        let weights = match &self.z3 {
+            Some(z3) => z3.state_bytes(),
+            None => (self.model.params.len() * std::mem::size_of::<T>()) as u64,
+        };
         let grads = 4 * self.grads.len() as u64;
         let master = 4 * self.master.len() as u64;
         let optimizer = self.optimizer.state_bytes();
