@@ -431,8 +431,9 @@ impl OptimizerState {
         self.states.iter().map(|s| 4 * s.len() as u64).sum()
     }
 
-    /// One fused step over every segment's part of the partition. `grads` is in flat
-    /// coordinates; it is read as `grad * grad_scale`.
+    /// One fused step over every segment's part of the partition. `grads` holds the
+    /// partition's gradients (`grads[0]` is flat element `lo`); it is read as
+    /// `grad * grad_scale`.
     pub fn apply(
         &mut self,
         flat: &FlatLayout,
@@ -472,7 +473,7 @@ impl OptimizerState {
                 self.step,
                 grad_scale,
                 params,
-                &grads[start..end],
+                &grads[local.clone()],
                 &mut states,
                 out,
                 &tensor_lens,

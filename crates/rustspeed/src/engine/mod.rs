@@ -27,6 +27,7 @@ mod eval;
 mod grads;
 mod resume;
 mod schedule;
+mod zero2;
 mod zero3;
 
 use std::ops::Range;
@@ -185,6 +186,9 @@ pub struct Engine<T: Float> {
     /// Set at ZeRO stage 3 over several ranks: the parameters' pieces; `model.params` is then
     /// empty (see [`Engine::materialize_params`]).
     z3: Option<zero3::Zero3<T>>,
+    /// Set at ZeRO stage 2 over several ranks: gradients reduced layer by layer into the
+    /// partition-sized `grads`.
+    z2: Option<zero2::Zero2>,
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -277,6 +281,22 @@ impl<T: Float> Engine<T> {
             }
             _ => None,
         };
+        let z2 = match &dp {
+            Some(d) if d.stage == 2 => {
+                let zc = &config.zero_optimization;
+                let layout =
+                    zero3::Zero3Layout::new(&model.layout, &flat, d.world(), d.rank(), 0, 0);
+                Some(zero2::Zero2::new(
+                    d.comm.clone(),
+                    d.op,
+                    layout,
+                    d.padded / d.world(),
+                    zc.reduce_bucket_size,
+                    zc.overlap_comm,
+                ))
+            }
+            _ => None,
+        };
         let partition: Range<usize> = match (&dp, &z3) {
             (_, Some(z)) => 0..z.layout.train_numel,
             (Some(d), None) => d.partition(flat.numel),
@@ -313,10 +333,11 @@ impl<T: Float> Engine<T> {
         let engine = Engine {
             grads: vec![
                 0.0;
-                match (&z3, &dp) {
-                    (Some(z), _) => z.layout.train_numel,
-                    (None, Some(d)) => d.padded,
-                    (None, None) => flat.numel,
+                match (&z3, &z2, &dp) {
+                    (Some(z), _, _) => z.layout.train_numel,
+                    (None, Some(z), _) => z.piece,
+                    (None, None, Some(d)) => d.padded,
+                    (None, None, None) => flat.numel,
                 }
             ],
             master,
@@ -336,6 +357,7 @@ impl<T: Float> Engine<T> {
             last_grad_norm: None,
             dp,
             z3,
+            z2,
             flat,
             model,
             config: config.clone(),
@@ -396,6 +418,18 @@ impl<T: Float> Engine<T> {
             });
             return Ok(loss.mean() as f32);
         }
+        if let Some(z2) = &mut self.z2 {
+            let loss =
+                zero2::forward(model, z2, Some(&ctx)).ok_or_else(|| EngineError::NoLoss {
+                    layer: model.layers[last].name().to_string(),
+                })?;
+            self.pending = Some(Pending {
+                batch: batch.clone(),
+                dropout_seed: seed,
+                grad_scale,
+            });
+            return Ok(loss.mean() as f32);
+        }
         let mut flow = Flow::default();
         for i in 0..last {
             let views = model.layout.layer_views(i, &model.params);
@@ -438,9 +472,10 @@ impl<T: Float> Engine<T> {
             dropout_seed: pending.dropout_seed,
             grad_scale: pending.grad_scale,
         };
-        match &mut self.z3 {
-            Some(z3) => zero3::backward(&mut self.model, z3, &mut self.grads, Some(&ctx))?,
-            None => grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx),
+        match (&mut self.z3, &mut self.z2) {
+            (Some(z3), _) => zero3::backward(&mut self.model, z3, &mut self.grads, Some(&ctx))?,
+            (None, Some(z2)) => zero2::backward(&mut self.model, z2, &mut self.grads, Some(&ctx))?,
+            (None, None) => grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx),
         }
         Ok(())
     }
@@ -466,10 +501,17 @@ impl<T: Float> Engine<T> {
         let part = self.optimizer.partition.clone();
         let loss_scale = self.scaler.loss_scale();
         let lr = self.lr();
-        if let (Some(dp), None) = (&self.dp, &self.z3) {
+        // Stages 2-3 reduced each layer as its backward ended; `grads` is the partition.
+        let layerwise = self.z3.is_some() || self.z2.is_some();
+        if let (Some(dp), false) = (&self.dp, layerwise) {
             dp.reduce_grads(&mut self.grads, self.flat.numel)?;
         }
-        let local = grad_norm(&self.grads[part]);
+        let local_grads = if layerwise {
+            &self.grads[..part.len()]
+        } else {
+            &self.grads[part]
+        };
+        let local = grad_norm(local_grads);
         let norm = match &self.dp {
             Some(dp) => GradNorm {
                 sum_sq: dp.global_sum_sq(local.sum_sq)?,
@@ -500,8 +542,14 @@ impl<T: Float> Engine<T> {
                 z3.refresh_resident()?;
             } else {
                 let weights = precision::weights_view(&mut self.model.params, &mut self.master);
+                let part = self.optimizer.partition.clone();
+                let grads = if self.z2.is_some() {
+                    &self.grads[..part.len()]
+                } else {
+                    &self.grads[part]
+                };
                 self.optimizer
-                    .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
+                    .apply(&self.flat, weights, grads, grad_scale, &hyper)?;
                 if let Some(dp) = &self.dp {
                     dp.gather_params(&self.flat, &mut self.model.params)?;
                 }
@@ -614,8 +662,8 @@ impl<T: Float> Engine<T> {
         };
         // Stage 3 communicates during every micro-step: a rank with fewer micro-batches joins
         // the others' collectives with nothing to add.
-        let most = match (&self.dp, &self.z3) {
-            (Some(dp), Some(_)) => dp.max(n)?,
+        let most = match &self.dp {
+            Some(dp) if self.z3.is_some() || self.z2.is_some() => dp.max(n)?,
             _ => n,
         };
         if total == 0 {

@@ -266,12 +266,30 @@ pub(super) struct Gathered<T> {
     layer: usize,
 }
 
-/// A layer's gradient reduce-scatter in flight: `out` is added to the partition at `at`.
-struct ReduceInFlight {
-    pending: Option<Pending>,
-    send: Vec<f32>,
-    out: Vec<f32>,
-    at: usize,
+/// A gradient reduce-scatter in flight: `out[..keep]` is added to the partition at `at`.
+/// Field order matters: the `Pending` drops (waits) before the buffers are freed.
+pub(super) struct ReduceInFlight {
+    pub pending: Option<Pending>,
+    /// Read by the collective while it runs; kept alive until then.
+    pub _send: Vec<f32>,
+    pub out: Vec<f32>,
+    pub at: usize,
+    pub keep: usize,
+}
+
+impl ReduceInFlight {
+    pub fn finish(mut self, grads: &mut [f32]) -> Result<(), CommError> {
+        if let Some(p) = self.pending.take() {
+            p.wait()?;
+        }
+        for (g, v) in grads[self.at..self.at + self.keep]
+            .iter_mut()
+            .zip(&self.out)
+        {
+            *g += v;
+        }
+        Ok(())
+    }
 }
 
 /// What the fused head's forward leaves for its backward.
@@ -385,29 +403,6 @@ impl<T: Float> Zero3<T> {
         self.finish_gather(f)
     }
 
-    /// Length of layer `l`'s own trainable gradients, whole.
-    fn scratch_len(&self, l: usize) -> usize {
-        self.layout.layer_train[l]
-            .iter()
-            .map(|&s| self.layout.slots[s].numel)
-            .sum()
-    }
-
-    /// Layer `l`'s own gradient scratch, starting from what later layers left for its tied
-    /// parameters.
-    fn take_scratch(&mut self, l: usize) -> Vec<f32> {
-        let mut scratch = vec![0.0; self.scratch_len(l)];
-        let mut off = 0;
-        for &s in &self.layout.layer_train[l] {
-            let n = self.layout.slots[s].numel;
-            if let Some(v) = self.tied[s].take() {
-                scratch[off..off + n].copy_from_slice(&v);
-            }
-            off += n;
-        }
-        scratch
-    }
-
     /// Starts reduce-scattering layer `l`'s own gradients (whole, in `scratch`) into the
     /// owners' pieces.
     fn start_reduce(&self, l: usize, scratch: &[f32]) -> Result<Option<ReduceInFlight>, CommError> {
@@ -436,22 +431,11 @@ impl<T: Float> Zero3<T> {
         let pending = unsafe { self.comm.start_reduce_scatter(&send, &mut out, self.op)? };
         Ok(Some(ReduceInFlight {
             pending: Some(pending),
-            send,
+            _send: send,
+            keep: out.len(),
             out,
             at,
         }))
-    }
-
-    fn finish_reduce(r: Option<ReduceInFlight>, grads: &mut [f32]) -> Result<(), CommError> {
-        let Some(mut r) = r else { return Ok(()) };
-        if let Some(p) = r.pending.take() {
-            p.wait()?;
-        }
-        for (g, v) in grads[r.at..r.at + r.out.len()].iter_mut().zip(&r.out) {
-            *g += v;
-        }
-        drop(r.send);
-        Ok(())
     }
 
     /// After the optimizer rewrote the pieces: every rank's persistent parameters whole again.
@@ -522,10 +506,35 @@ fn views<'a, T>(z: &Zero3Layout, resident: &'a [T], g: &'a Gathered<T>) -> Vec<&
         .collect()
 }
 
+/// Length of layer `l`'s own trainable gradients, whole.
+pub(super) fn scratch_len(z: &Zero3Layout, l: usize) -> usize {
+    z.layer_train[l].iter().map(|&s| z.slots[s].numel).sum()
+}
+
+/// Layer `l`'s own gradient scratch, starting from what later layers left in `tied` for its
+/// tied parameters.
+pub(super) fn take_scratch(z: &Zero3Layout, tied: &mut [Option<Vec<f32>>], l: usize) -> Vec<f32> {
+    let mut scratch = vec![0.0; scratch_len(z, l)];
+    let mut off = 0;
+    for &s in &z.layer_train[l] {
+        let n = z.slots[s].numel;
+        if let Some(v) = tied[s].take() {
+            scratch[off..off + n].copy_from_slice(&v);
+        }
+        off += n;
+    }
+    scratch
+}
+
+/// Finishes a reduction, if one is in flight.
+pub(super) fn finish_reduce(r: Option<ReduceInFlight>, grads: &mut [f32]) -> Result<(), CommError> {
+    r.map_or(Ok(()), |r| r.finish(grads))
+}
+
 /// Calls `f` with mutable gradient views for layer `l`'s used slots: own trainable ones in
 /// `scratch` (laid out whole, in `layer_train` order), tied trainable ones in their waiting
 /// buffers `tied` (created zeroed), frozen ones in zeroed throw-away buffers.
-fn with_grad_views<R>(
+pub(super) fn with_grad_views<R>(
     z: &Zero3Layout,
     tied: &mut [Option<Vec<f32>>],
     l: usize,
@@ -609,7 +618,7 @@ pub(super) fn forward<T: Float>(
             }
             continue;
         }
-        let mut scratch = vec![0.0; z3.scratch_len(last)];
+        let mut scratch = vec![0.0; scratch_len(&z3.layout, last)];
         if let Some(ctx) = ctx {
             let refs = views(&z3.layout, &z3.resident, &g);
             let head = &mut model.layers[last];
@@ -647,7 +656,7 @@ pub(super) fn backward<T: Float>(
             Some(c) => (c.gathered, c.scratch),
             None => {
                 let g = z3.finish_gather(next.take().expect("started"))?;
-                (g, z3.take_scratch(i))
+                (g, take_scratch(&z3.layout, &mut z3.tied, i))
             }
         };
         if z3.prefetch && i > 0 {
@@ -669,13 +678,13 @@ pub(super) fn backward<T: Float>(
         if !z3.prefetch && i > 0 {
             next = Some(z3.start_gather(i - 1)?);
         }
-        Zero3::<T>::finish_reduce(reducing.take(), grads)?;
+        finish_reduce(reducing.take(), grads)?;
         reducing = z3.start_reduce(i, &scratch)?;
         if !z3.overlap {
-            Zero3::<T>::finish_reduce(reducing.take(), grads)?;
+            finish_reduce(reducing.take(), grads)?;
         }
     }
-    Zero3::<T>::finish_reduce(reducing.take(), grads)?;
+    finish_reduce(reducing.take(), grads)?;
     debug_assert!(
         z3.tied.iter().all(Option::is_none),
         "every tied gradient reached its owner"
@@ -717,6 +726,10 @@ impl<T: Float> super::Engine<T> {
         if let Some(z3) = &mut self.z3 {
             forward(&mut self.model, z3, None)?;
             backward(&mut self.model, z3, &mut self.grads, None)?;
+        }
+        if let Some(z2) = &mut self.z2 {
+            super::zero2::forward(&mut self.model, z2, None);
+            super::zero2::backward(&mut self.model, z2, &mut self.grads, None)?;
         }
         Ok(())
     }
