@@ -296,10 +296,17 @@ fn two_ranks_train_like_one_process(zero: Value, extra_args: &[&str]) {
             assert_ok(&result);
             if ranks.is_some() {
                 let stderr = String::from_utf8_lossy(&result.stderr);
-                assert!(
-                    stderr.contains("[rank 1]") || stderr.contains("[rank 0]"),
-                    "{stderr}"
-                );
+                // Every rank reports its own model-state bytes, equal to the memory model's.
+                for r in 0..2 {
+                    let line = stderr
+                        .lines()
+                        .find(|l| {
+                            l.contains(&format!("rank {r} of 2, ZeRO stage {stage}: model states"))
+                        })
+                        .unwrap_or_else(|| panic!("rank {r}'s memory line: {stderr}"));
+                    let (got, want) = line.split_once("; memory model ").unwrap();
+                    assert!(got.contains(&format!("model states {want} (")), "{line}");
+                }
             }
             assert!(out.join("final/config.json").is_file());
             let weights = std::fs::read(out.join("final/model.safetensors")).unwrap();

@@ -391,7 +391,10 @@ pub struct OptimizerState {
     pub spec: OptimizerSpec,
     pub groups: Vec<ParamGroup>,
     pub partition: Range<usize>,
-    /// One buffer per [`OptimizerSpec::state_names`], each `hi - lo` elements.
+    /// Elements of each buffer: `hi - lo`, or more when the partition carries DeepSpeed's
+    /// zero padding (the last ZeRO 1-2 rank; stage-3 pieces).
+    pub len: usize,
+    /// One buffer per [`OptimizerSpec::state_names`], each `len` elements.
     pub states: Vec<Vec<f32>>,
     /// Applied optimizer steps (torch's `state['step']`; skipped steps do not count).
     pub step: u64,
@@ -399,6 +402,16 @@ pub struct OptimizerState {
 
 impl OptimizerState {
     pub fn new(spec: OptimizerSpec, partition: Range<usize>) -> Self {
+        let len = partition.len();
+        Self::padded(spec, partition, len)
+    }
+
+    /// State for `partition` in buffers of `len >= hi - lo` elements (the tail is padding).
+    pub fn padded(spec: OptimizerSpec, partition: Range<usize>, len: usize) -> Self {
+        assert!(
+            len >= partition.len(),
+            "padding cannot shrink the partition"
+        );
         let wd = spec.weight_decay();
         let groups = vec![
             ParamGroup {
@@ -413,15 +426,12 @@ impl OptimizerState {
             },
         ];
         let init = spec.initial_state_value();
-        let states = spec
-            .state_names()
-            .iter()
-            .map(|_| vec![init; partition.len()])
-            .collect();
+        let states = spec.state_names().iter().map(|_| vec![init; len]).collect();
         OptimizerState {
             spec,
             groups,
             partition,
+            len,
             states,
             step: 0,
         }

@@ -302,6 +302,12 @@ impl<T: Float> Engine<T> {
             (Some(d), None) => d.partition(flat.numel),
             (None, None) => 0..flat.numel,
         };
+        // DeepSpeed's partitions are equal after alignment: the last rank's carries the zero
+        // padding in its fp32 buffers too.
+        let buffer_len = match (&dp, &z3) {
+            (Some(d), None) if d.stage >= 1 => d.padded / d.world(),
+            _ => partition.len(),
+        };
         let master = if config.precision == Precision::Fp32 {
             Vec::new()
         } else if let Some(z) = &z3 {
@@ -313,7 +319,7 @@ impl<T: Float> Engine<T> {
             }
             m
         } else {
-            let mut m = vec![0.0f32; partition.len()];
+            let mut m = vec![0.0f32; buffer_len];
             for (_, f, range) in flat.pieces(partition.clone()) {
                 let dst = &mut m[f.start - partition.start..f.end - partition.start];
                 for (d, s) in dst.iter_mut().zip(&model.params[range]) {
@@ -323,7 +329,7 @@ impl<T: Float> Engine<T> {
             m
         };
         let has_betas = spec.has_betas();
-        let optimizer = OptimizerState::new(spec, partition);
+        let optimizer = OptimizerState::padded(spec, partition, buffer_len);
         let base_lrs: Vec<f64> = optimizer.groups.iter().map(|g| g.lr).collect();
         let scheduler = match (&config.scheduler, &options.fallback_schedule) {
             (Some(s), _) => Some(schedule::build(s, &base_lrs, has_betas)?),
@@ -792,26 +798,35 @@ impl<T: Float> Engine<T> {
         }
     }
 
-    /// `rustspeed::memory`'s stage-0 figure for this model and config (what
-    /// [`Engine::model_state_bytes`] must equal).
+    /// `rustspeed::memory`'s per-rank figure for this model, config, stage and world size
+    /// (what [`Engine::model_state_bytes`] must equal).
     pub fn expected_model_state_bytes(&self) -> Result<ModelStateBytes, memory::MemoryError> {
-        let (mut trainable, mut frozen) = (Vec::new(), Vec::new());
+        let (mut trainable, mut frozen, mut all) = (Vec::new(), Vec::new(), Vec::new());
         for s in self.model.layout.slots() {
             let n = s.spec.numel() as u64;
+            all.push(n);
             if s.spec.trainable {
                 trainable.push(n)
             } else {
                 frozen.push(n)
             }
         }
+        let (_, world) = self.rank_and_world();
+        let stage = self.dp.as_ref().map_or(0, |d| d.stage);
+        let zc = &self.config.zero_optimization;
         memory::model_state_bytes(
             &trainable,
             &frozen,
             &MemorySetup {
-                world_size: 1,
-                stage: 0,
+                world_size: world as u64,
+                stage,
                 compute_dtype: T::DTYPE,
                 optimizer_states: self.optimizer.spec.memory_kind().fp32_states_per_param(),
+                stage3_persistent: memory::zero3_persistent_numel(
+                    &all,
+                    zc.param_persistence_threshold,
+                    zc.model_persistence_threshold,
+                ),
             },
         )
     }

@@ -112,7 +112,7 @@ impl<T: Float> Engine<T> {
             ("partition_count", count.to_string()),
             ("flat_numel", self.flat.numel.to_string()),
             (PARTITION_RANGES, encode_ranges(&self.my_ranges())),
-            (PARTITION_LEN, p.len().to_string()),
+            (PARTITION_LEN, self.optimizer.len.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -434,7 +434,7 @@ impl<T: Float> Engine<T> {
         let count = field(&info, "partition_count", &first)? as usize;
         let want = self.partition_metadata();
         let mine = self.my_ranges();
-        let n = self.optimizer.partition.len();
+        let n = self.optimizer.len;
         let need: usize = mine.iter().map(|(r, _)| r.len()).sum();
         let with_master = !self.master.is_empty();
         let names = self.optimizer.spec.state_names();

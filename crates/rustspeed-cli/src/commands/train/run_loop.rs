@@ -345,6 +345,22 @@ impl Run<'_> {
         let train_secs = t_train.elapsed().as_secs_f64();
         // Measured before the export gathers the whole parameters (ZeRO-3).
         let bytes = engine.model_state_bytes();
+        if world > 1 {
+            // Each rank's own figure (the launcher prefixes its rank), next to the memory
+            // model's for this stage and world size, which it must equal.
+            let expected = engine
+                .expected_model_state_bytes()
+                .map_or("unknown".into(), |b| human_bytes(b.total));
+            eprintln!(
+                "rank {rank} of {world}, ZeRO stage {}: model states {} (weights {} + grads {} + fp32 master {} + optimizer {}); memory model {expected}",
+                self.config.zero_stage(),
+                human_bytes(bytes.total),
+                human_bytes(bytes.weights),
+                human_bytes(bytes.grads),
+                human_bytes(bytes.master),
+                human_bytes(bytes.optimizer),
+            );
+        }
         // A collective at stage 3: every rank gathers the parameters the export writes.
         engine.materialize_params()?;
         if !main {
