@@ -253,9 +253,11 @@ fn every_user_config_trains() {
 }
 
 /// Runs the tiny model for two steps with one process and with `--nproc-per-node 2` under
-/// `zero` (a `zero_optimization` block) and asserts the same losses, grad norms and lrs step by
-/// step, rank 0 alone writing the outputs. Returns the two output directories.
+/// `zero` (a `zero_optimization` block) and asserts the same losses, grad norms, lrs and eval
+/// losses step by step, each rank's model-state bytes equal to the memory model's, and rank 0
+/// alone writing the outputs. Returns the two output directories.
 fn assert_two_ranks_train_like_one(name: &str, zero: Value, extra: &[&str]) -> [PathBuf; 2] {
+    let stage = zero["stage"].as_u64().unwrap();
     let dir = tempdir(name);
     let ds = write_config(
         &dir,
@@ -282,17 +284,31 @@ fn assert_two_ranks_train_like_one(name: &str, zero: Value, extra: &[&str]) -> [
             assert_ok(&result);
             if ranks.is_some() {
                 let stderr = String::from_utf8_lossy(&result.stderr);
-                assert!(
-                    stderr.contains("[rank 1]") || stderr.contains("[rank 0]"),
-                    "{stderr}"
-                );
+                // Every rank reports its own model-state bytes, equal to the memory model's.
+                for r in 0..2 {
+                    let line = stderr
+                        .lines()
+                        .find(|l| {
+                            l.contains(&format!("rank {r} of 2, ZeRO stage {stage}: model states"))
+                        })
+                        .unwrap_or_else(|| panic!("{name}: rank {r}'s memory line: {stderr}"));
+                    let (got, want) = line.split_once("; memory model ").unwrap();
+                    assert!(got.contains(&format!("model states {want} (")), "{line}");
+                }
             }
             metrics(out)
         })
         .collect();
-    assert_eq!(runs[0].len(), 2);
-    assert_eq!(runs[1].len(), 2, "rank 0 alone writes metrics.jsonl");
-    for (a, b) in runs[0].iter().zip(&runs[1]) {
+    let train = |m: &[Value]| -> Vec<Value> {
+        m.iter()
+            .filter(|l| l.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let (one, two) = (train(&runs[0]), train(&runs[1]));
+    assert_eq!(one.len(), 2);
+    assert_eq!(two.len(), 2, "rank 0 alone writes metrics.jsonl");
+    for (a, b) in one.iter().zip(&two) {
         assert_eq!(a["tokens"], b["tokens"]);
         for key in ["loss", "grad_norm", "lr"] {
             close(
@@ -303,6 +319,16 @@ fn assert_two_ranks_train_like_one(name: &str, zero: Value, extra: &[&str]) -> [
             );
         }
     }
+    let evals = |m: &[Value]| -> Vec<f64> {
+        m.iter()
+            .filter_map(|l| l.get("eval_loss").and_then(Value::as_f64))
+            .collect()
+    };
+    let (e1, e2) = (evals(&runs[0]), evals(&runs[1]));
+    assert_eq!(e1.len(), e2.len());
+    for (a, b) in e1.iter().zip(&e2) {
+        close(*b, *a, 1e-5, &format!("{name}: eval_loss"));
+    }
     outs
 }
 
@@ -310,18 +336,43 @@ fn assert_two_ranks_train_like_one(name: &str, zero: Value, extra: &[&str]) -> [
 /// process.
 #[test]
 fn two_ranks_at_stage_2_train_like_one_process() {
-    let outs = assert_two_ranks_train_like_one("ranks", serde_json::json!({"stage": 2}), &[]);
+    let outs = assert_two_ranks_train_like_one("ranks-2", serde_json::json!({"stage": 2}), &[]);
     for out in outs {
         assert!(out.join("final/config.json").is_file());
     }
 }
 
+/// The same at ZeRO-3 (every parameter partitioned, gathered layer by layer), with an eval
+/// split, which every rank evaluates at stage 3, and the export gathered from the pieces: the
+/// same whole model as one process writes.
+#[test]
+fn two_ranks_at_stage_3_train_like_one_process() {
+    let outs = assert_two_ranks_train_like_one(
+        "ranks-3",
+        serde_json::json!({"stage": 3, "stage3_param_persistence_threshold": 0}),
+        &["--eval-split", "0.25"],
+    );
+    let evals = metrics(&outs[1])
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .count();
+    assert!(evals > 0, "the eval split was evaluated");
+    let [one, two] = outs.map(|o| std::fs::read(o.join("final/model.safetensors")).unwrap());
+    assert_eq!(one.len(), two.len());
+}
+
 /// LoRA and QLoRA under ZeRO over two ranks: only the adapters are in the flat buffer that the
-/// ranks partition; the saved adapters equal the single process's.
+/// ranks partition (at stage 3 the frozen dense weights are partitioned too, the quantized ones
+/// stay whole); the saved adapters equal the single process's.
 #[test]
 fn lora_and_qlora_over_two_ranks_train_like_one_process() {
     let lora = ["--lora-r", "4", "--lora-target-modules", "c_attn,c_fc"];
-    for (name, stage, quant) in [("lora-ranks", 1, None), ("qlora-ranks", 2, Some("nf4"))] {
+    for (name, stage, quant) in [
+        ("lora-ranks", 1, None),
+        ("qlora-ranks", 2, Some("nf4")),
+        ("lora-ranks-3", 3, None),
+        ("qlora-ranks-3", 3, Some("nf4")),
+    ] {
         let mut flags = lora.to_vec();
         if let Some(q) = quant {
             flags.extend(["--quantize", q, "--double-quant"]);

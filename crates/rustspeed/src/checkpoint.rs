@@ -10,6 +10,10 @@
 //!     zero_pp_rank_{r}_mp_rank_00_optim_states.safetensors
 //!                                                fp32 master + optimizer states of rank r's
 //!                                                partition; partition layout in its metadata
+//!                                                (`partition_ranges`); at ZeRO stage 3 also
+//!                                                rank r's pieces of every parameter
+//!                                                (`param_shards`), and then no rank writes
+//!                                                the whole-model safetensors above
 //! ```
 //!
 //! Writes are atomic: the tag directory is written under `.<tag>.tmp`, every file fsynced,
@@ -347,6 +351,116 @@ pub fn read_values(
             .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
             .collect(),
     })
+}
+
+/// Optimizer-file metadata: the flat (trainable) ranges the file's fp32 tensors hold, as JSON
+/// `[[lo, hi, offset], ...]` (elements `lo..hi` of the flat layout at `offset` in the tensors).
+/// Stages 0-2 hold one range; stage 3 one per parameter piece.
+pub const PARTITION_RANGES: &str = "partition_ranges";
+/// Optimizer-file metadata: the fp32 tensors' length (stage 3 pieces carry zero padding).
+pub const PARTITION_LEN: &str = "partition_len";
+/// Stage 3: the tensor holding a rank's pieces of every parameter in the compute dtype, and the
+/// metadata key describing it as JSON `[[name, lo, hi, offset], ...]` (elements `lo..hi` of
+/// parameter `name` at `offset`).
+pub const PARAM_SHARDS: &str = "param_shards";
+
+/// A range of some coordinate system and where it starts in a file's tensor.
+pub type Placed = (std::ops::Range<usize>, usize);
+
+pub fn encode_ranges(ranges: &[Placed]) -> String {
+    let v: Vec<[usize; 3]> = ranges.iter().map(|(r, o)| [r.start, r.end, *o]).collect();
+    serde_json::to_string(&v).expect("plain data")
+}
+
+/// The ranges an optimizer file holds and its tensors' length: [`PARTITION_RANGES`] and
+/// [`PARTITION_LEN`], or for files without them `partition_lo..partition_hi` at 0.
+pub fn partition_ranges(
+    info: &HashMap<String, String>,
+    path: &Path,
+) -> Result<(Vec<Placed>, usize), CheckpointError> {
+    let format = |message: String| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let int = |key: &str| {
+        info.get(key)
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| format(format!("metadata `{key}` is missing or not an integer")))
+    };
+    if let Some(text) = info.get(PARTITION_RANGES) {
+        let v: Vec<[usize; 3]> = serde_json::from_str(text)
+            .map_err(|e| format(format!("metadata `{PARTITION_RANGES}` is malformed: {e}")))?;
+        let len = int(PARTITION_LEN)?;
+        let ranges: Vec<Placed> = v.into_iter().map(|[a, b, o]| (a..b, o)).collect();
+        if let Some((r, o)) = ranges
+            .iter()
+            .find(|(r, o)| r.end < r.start || o + r.len() > len)
+        {
+            return Err(format(format!(
+                "range {r:?} at {o} does not fit the tensors' {len} elements"
+            )));
+        }
+        return Ok((ranges, len));
+    }
+    let (lo, hi) = (int("partition_lo")?, int("partition_hi")?);
+    if hi < lo {
+        return Err(format(format!(
+            "partition [{lo}, {hi}) is empty or reversed"
+        )));
+    }
+    Ok((vec![(lo..hi, 0)], hi - lo))
+}
+
+/// Stage 3's [`PARAM_SHARDS`] entries: (parameter name, element range, offset).
+pub fn param_shard_entries(
+    info: &HashMap<String, String>,
+    path: &Path,
+) -> Result<Vec<(String, Placed)>, CheckpointError> {
+    let text = info.get(PARAM_SHARDS).ok_or_else(|| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: format!("metadata `{PARAM_SHARDS}` is missing (a stage-3 file holds the parameters' pieces)"),
+    })?;
+    let v: Vec<(String, usize, usize, usize)> =
+        serde_json::from_str(text).map_err(|e| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: format!("metadata `{PARAM_SHARDS}` is malformed: {e}"),
+        })?;
+    Ok(v.into_iter().map(|(n, a, b, o)| (n, (a..b, o))).collect())
+}
+
+/// How many elements the ranges of `src` and `dst` share.
+pub fn overlap_len(src: &[Placed], dst: &[Placed]) -> usize {
+    src.iter()
+        .flat_map(|(s, _)| dst.iter().map(move |(d, _)| (s, d)))
+        .map(|(s, d)| s.end.min(d.end).saturating_sub(s.start.max(d.start)))
+        .sum()
+}
+
+/// Copies what `src` (ranges placed in `src_data`) holds of the ranges of `dst` (placed in
+/// `dst_data`); returns how many elements it copied.
+pub fn copy_overlaps<T: Copy, U: Copy>(
+    src: &[Placed],
+    src_data: &[T],
+    dst: &[Placed],
+    dst_data: &mut [U],
+    convert: impl Fn(T) -> U,
+) -> usize {
+    let mut copied = 0;
+    for (s, so) in src {
+        for (d, doff) in dst {
+            let (a, b) = (s.start.max(d.start), s.end.min(d.end));
+            if a >= b {
+                continue;
+            }
+            let from = &src_data[so + a - s.start..so + b - s.start];
+            let to = &mut dst_data[doff + a - d.start..doff + b - d.start];
+            for (t, f) in to.iter_mut().zip(from) {
+                *t = convert(*f);
+            }
+            copied += b - a;
+        }
+    }
+    copied
 }
 
 /// Little-endian bytes of values stored in `dtype` (given as f32, which every bf16/f16

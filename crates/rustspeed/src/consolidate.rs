@@ -8,7 +8,10 @@
 //! tensor. Frozen parameters come from the model-states file (their only copy).
 //!
 //! The flat layout is the trainable parameters in model order (the checkpoint's `param_shapes`),
-//! cut into rank partitions `[partition_lo, partition_hi)` recorded in each file's metadata.
+//! cut into rank partitions recorded in each file's metadata: one range `[partition_lo,
+//! partition_hi)` at stages 0-2, one range per parameter piece at stage 3 (`partition_ranges`),
+//! where the parameters themselves (f32 training, frozen ones) come from each rank's
+//! `param_shards` instead of the model-states file, which stage 3 does not write.
 //! As DeepSpeed's stage-2 path, the partitions are concatenated and narrowed parameter by
 //! parameter; a total that does not add up is "consumed X numels out of Y - something is wrong".
 
@@ -21,7 +24,9 @@ use rustspeed_kernels::DType;
 use rustspeed_models::weights::{save_hf_weights, WeightsError};
 use rustspeed_models::{ParamLayout, ParamSpec};
 
-use crate::checkpoint::{self, optim_states_file, CheckpointError, MODEL_META, MODEL_STATES};
+use crate::checkpoint::{
+    self, optim_states_file, CheckpointError, MODEL_META, MODEL_STATES, PARAM_SHARDS,
+};
 
 /// The fp32 master tensor's name in a rank's optimizer file.
 pub const FP32_MASTER: &str = "fp32_master";
@@ -249,11 +254,21 @@ pub fn consolidate_fp32(dir: &Path, tag: Option<&str>) -> Result<Fp32State, Cons
     let flat_numel: usize = trainable.iter().map(|s| s.numel()).sum();
 
     let model_path = tag_dir.join(MODEL_STATES);
-    let (model_header, mut model_file) = Header::read(&model_path)?;
+    // Stage 3 saves no whole parameters: each rank's file holds its pieces of every one.
+    let pieces = meta.zero_stage == 3 && !model_path.exists();
     if meta.compute_dtype == "f32" {
         // The model's own weights are the fp32 master.
-        for slot in layout.slots() {
-            model_header.read_into(&mut model_file, &slot.spec.name, &mut params[slot.range()])?;
+        if pieces {
+            read_param_pieces(&tag_dir, &layout, &mut params, |_| true)?;
+        } else {
+            let (model_header, mut model_file) = Header::read(&model_path)?;
+            for slot in layout.slots() {
+                model_header.read_into(
+                    &mut model_file,
+                    &slot.spec.name,
+                    &mut params[slot.range()],
+                )?;
+            }
         }
     } else {
         let available = read_master_partitions(&tag_dir, &mut params[..flat_numel], flat_numel)?;
@@ -265,8 +280,17 @@ pub fn consolidate_fp32(dir: &Path, tag: Option<&str>) -> Result<Fp32State, Cons
                 available,
             });
         }
-        for slot in layout.slots().iter().filter(|s| !s.spec.trainable) {
-            model_header.read_into(&mut model_file, &slot.spec.name, &mut params[slot.range()])?;
+        if pieces {
+            read_param_pieces(&tag_dir, &layout, &mut params, |s| !s.trainable)?;
+        } else if layout.slots().iter().any(|s| !s.spec.trainable) {
+            let (model_header, mut model_file) = Header::read(&model_path)?;
+            for slot in layout.slots().iter().filter(|s| !s.spec.trainable) {
+                model_header.read_into(
+                    &mut model_file,
+                    &slot.spec.name,
+                    &mut params[slot.range()],
+                )?;
+            }
         }
     }
     Ok(Fp32State {
@@ -292,28 +316,79 @@ fn read_master_partitions(
         let path = tag_dir.join(optim_states_file(r as u64));
         let (h, mut f) = Header::read(&path)?;
         let saved = h.field("flat_numel")?;
-        let (lo, hi) = (h.field("partition_lo")?, h.field("partition_hi")?);
-        if lo != available || hi < lo {
-            return Err(format_err(
-                &path,
-                format!(
-                    "partition [{lo}, {hi}) does not follow the previous ranks' [0, {available})"
-                ),
-            )
-            .into());
-        }
-        if hi > flat_numel || saved != flat_numel {
+        let (ranges, len) = checkpoint::partition_ranges(&h.metadata, &path)?;
+        let end = ranges.iter().map(|(r, _)| r.end).max().unwrap_or(0);
+        if end > flat_numel || saved != flat_numel {
             // The file disagrees with the parameter list: report it as DeepSpeed does.
             return Err(ConsolidateError::Consumed {
                 dir: tag_dir.to_path_buf(),
                 consumed: flat_numel,
-                available: saved.max(hi),
+                available: saved.max(end),
             });
         }
-        h.read_into(&mut f, FP32_MASTER, &mut flat[lo..hi])?;
-        available = hi;
+        match ranges.as_slice() {
+            // Stages 0-2: one contiguous piece, read in place.
+            [(range, 0)] if range.len() == len => {
+                h.read_into(&mut f, FP32_MASTER, &mut flat[range.clone()])?;
+            }
+            // Stage 3: one piece per parameter, padded; one rank's partition in memory.
+            _ => {
+                let mut v = vec![0f32; len];
+                h.read_into(&mut f, FP32_MASTER, &mut v)?;
+                let whole = [(0..flat_numel, 0)];
+                checkpoint::copy_overlaps(&ranges, &v, &whole, flat, |x| x);
+            }
+        }
+        available += ranges.iter().map(|(r, _)| r.len()).sum::<usize>();
     }
     Ok(available)
+}
+
+/// Stage 3: the parameters `select` picks, from every rank's [`PARAM_SHARDS`] pieces.
+fn read_param_pieces(
+    tag_dir: &Path,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    select: impl Fn(&ParamSpec) -> bool,
+) -> Result<(), ConsolidateError> {
+    let first = tag_dir.join(optim_states_file(0));
+    let count = Header::read(&first)?.0.field("partition_count")?;
+    let want: usize = layout
+        .slots()
+        .iter()
+        .filter(|s| select(&s.spec))
+        .map(|s| s.spec.numel())
+        .sum();
+    let mut copied = 0;
+    for r in 0..count {
+        let path = tag_dir.join(optim_states_file(r as u64));
+        let (h, mut f) = Header::read(&path)?;
+        let entries = checkpoint::param_shard_entries(&h.metadata, &path)?;
+        let len = h
+            .tensors
+            .get(PARAM_SHARDS)
+            .map_or(0, |t| t.shape.iter().product());
+        let mut v = vec![0f32; len];
+        h.read_into(&mut f, PARAM_SHARDS, &mut v)?;
+        for (name, src) in &entries {
+            let slot = layout.get(name).ok_or_else(|| {
+                format_err(&path, format!("parameter `{name}` is not in {MODEL_META}"))
+            })?;
+            if select(&slot.spec) {
+                let dst = [(0..slot.spec.numel(), slot.offset)];
+                copied +=
+                    checkpoint::copy_overlaps(std::slice::from_ref(src), &v, &dst, params, |x| x);
+            }
+        }
+    }
+    if copied != want {
+        return Err(format_err(
+            tag_dir,
+            format!("the ranks' parameter pieces cover {copied} of {want} elements"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Writes the state as an HF weights file set in `dtype` (sharded above `max_shard_bytes`,

@@ -18,22 +18,27 @@
 //!
 //! | component | stage 0 | stage 1 | stage 2 | stage 3 |
 //! |---|---|---|---|---|
-//! | compute weights | `w·P` | `w·P` | `w·P` | `w·S3` |
-//! | gradients (fp32) | `4·P` | `4·P` | `4·S12` | `4·S3` |
+//! | compute weights | `w·P` | `w·P` | `w·P` | `w·(S3 + R)` |
+//! | gradients (fp32) | `4·P` | `4·N·S12` | `4·S12` | `4·S3` |
 //! | fp32 master (16-bit compute only) | `4·P` | `4·S12` | `4·S12` | `4·S3` |
 //! | optimizer states | `4k·P` | `4k·S12` | `4k·S12` | `4k·S3` |
 //!
 //! * `S12`, the stage 1-2 partition, follows DeepSpeed: all trainable parameters form one flat
-//!   buffer, padded to a multiple of `2·N` elements, split into `N` equal parts.
+//!   buffer, padded to a multiple of `2·N` elements, split into `N` equal parts; every rank's
+//!   part has that size, the last one's padding included. Stage 1 keeps the whole padded
+//!   gradient buffer (`N·S12`), reduce-scattered at the accumulation boundary.
+//! * `R`, stage 3's persistent parameters: those of at most `stage3_param_persistence_threshold`
+//!   elements (within `stage3_model_persistence_threshold` in total, [`zero3_persistent_numel`])
+//!   are also kept whole on every rank.
+//! * One rank (`N = 1`) partitions nothing: every stage costs what stage 0 does.
 //! * `S3`, the stage 3 partition, follows DeepSpeed's `ds_tensor`: each parameter is split on its
 //!   own into `ceil(numel/N)` elements per rank (the last rank zero-padded), summed over params.
 //! * Gradients are accumulated in fp32 whatever the compute dtype.
 //! * With f32 compute the weights are the master copy, so no separate master exists.
 //! * Frozen parameters only have compute weights: `w·F` at stages 0-2, per-parameter shards at 3.
 //!
-//! Not included: activations, communication buckets, the transient gathered layer of stage 3
-//! (DeepSpeed's `largest_layer_memory`), and the unsharded small parameters DeepSpeed keeps
-//! under `stage3_param_persistence_threshold` (rustspeed shards every parameter).
+//! Not included: activations, communication buckets, the transient per-layer gradient scratch
+//! of stages 2-3 and the gathered layer of stage 3 (DeepSpeed's `largest_layer_memory`).
 
 pub use rustspeed_kernels::DType;
 
@@ -323,6 +328,9 @@ pub struct MemorySetup {
     pub compute_dtype: DType,
     /// fp32 optimizer states per trainable element ([`OptimizerKind::fp32_states_per_param`]).
     pub optimizer_states: u64,
+    /// Stage 3: elements of the persistent parameters, kept whole besides their pieces
+    /// ([`zero3_persistent_numel`]; 0 when nothing persists).
+    pub stage3_persistent: u64,
 }
 
 /// Per-rank model-state bytes by component (see the module docs for the model).
@@ -351,6 +359,23 @@ pub fn zero3_partition_numel(numels: &[u64], world_size: u64) -> u64 {
     numels.iter().map(|n| n.div_ceil(world_size)).sum()
 }
 
+/// Elements of the parameters stage 3 keeps whole on every rank, DeepSpeed's
+/// `mark_persistent_parameters`: in model order, each of at most `threshold` elements unless it
+/// would take the total past `model_threshold`.
+pub fn zero3_persistent_numel(
+    numels_in_model_order: &[u64],
+    threshold: u64,
+    model_threshold: u64,
+) -> u64 {
+    let mut total = 0u64;
+    for &n in numels_in_model_order {
+        if n <= threshold && total.saturating_add(n) <= model_threshold {
+            total += n;
+        }
+    }
+    total
+}
+
 /// rustspeed's model-state bytes on one rank, for trainable and frozen parameter sizes given in
 /// model order.
 pub fn model_state_bytes(
@@ -371,11 +396,16 @@ pub fn model_state_bytes(
     let s12 = zero12_partition_numel(p, n);
     let s3 = zero3_partition_numel(trainable, n);
 
-    let (weight_elems, grad_elems, state_elems) = match setup.stage {
+    let stage = if n == 1 { 0 } else { setup.stage };
+    let (weight_elems, grad_elems, state_elems) = match stage {
         0 => (p + f, p, p),
-        1 => (p + f, p, s12),
+        1 => (p + f, n * s12, s12),
         2 => (p + f, s12, s12),
-        _ => (s3 + zero3_partition_numel(frozen, n), s3, s3),
+        _ => (
+            s3 + zero3_partition_numel(frozen, n) + setup.stage3_persistent,
+            s3,
+            s3,
+        ),
     };
     let weights = w * weight_elems;
     let grads = 4 * grad_elems;
@@ -527,6 +557,7 @@ SW: Model with 2851M total params, 32M largest layer params.
             stage,
             compute_dtype: dtype,
             optimizer_states: k,
+            stage3_persistent: 0,
         }
     }
 
@@ -557,7 +588,8 @@ SW: Model with 2851M total params, 32M largest layer params.
     fn bf16_adamw_per_stage_over_four_ranks() {
         let get = |stage| model_state_bytes(&SIZES, &[], &setup(4, stage, DType::BF16, 2)).unwrap();
         assert_eq!(get(0), bytes(2 * 53, 4 * 53, 4 * 53, 8 * 53));
-        assert_eq!(get(1), bytes(2 * 53, 4 * 53, 4 * 14, 8 * 14));
+        // Stage 1 keeps the whole gradient buffer, padded to 56 for the reduce-scatter.
+        assert_eq!(get(1), bytes(2 * 53, 4 * 56, 4 * 14, 8 * 14));
         assert_eq!(get(2), bytes(2 * 53, 4 * 14, 4 * 14, 8 * 14));
         assert_eq!(get(3), bytes(2 * 15, 4 * 15, 4 * 15, 8 * 15));
         assert_eq!(get(3).total, 30 + 60 + 60 + 120);
@@ -568,7 +600,7 @@ SW: Model with 2851M total params, 32M largest layer params.
         let s = model_state_bytes(&SIZES, &[], &setup(2, 2, DType::F32, 0)).unwrap();
         assert_eq!(s, bytes(4 * 53, 4 * 28, 0, 0));
         let s = model_state_bytes(&SIZES, &[], &setup(2, 1, DType::F16, 1)).unwrap();
-        assert_eq!(s, bytes(2 * 53, 4 * 53, 4 * 28, 4 * 28));
+        assert_eq!(s, bytes(2 * 53, 4 * 56, 4 * 28, 4 * 28));
     }
 
     #[test]
@@ -588,6 +620,21 @@ SW: Model with 2851M total params, 32M largest layer params.
         let p = [1_000_000];
         let s = model_state_bytes(&p, &[], &setup(1, 0, DType::BF16, 2)).unwrap();
         assert_eq!(s.total, 18_000_000);
+    }
+
+    #[test]
+    fn one_rank_is_stage_0_and_persistent_params_stay_whole() {
+        for stage in 0..4 {
+            let s = model_state_bytes(&SIZES, &[], &setup(1, stage, DType::BF16, 2)).unwrap();
+            assert_eq!(s, bytes(2 * 53, 4 * 53, 4 * 53, 8 * 53), "stage {stage}");
+        }
+        // Threshold 10: 10, 7 and 3 persist (20 elements); a model cap of 15 stops after 10.
+        assert_eq!(zero3_persistent_numel(&SIZES, 10, u64::MAX), 20);
+        assert_eq!(zero3_persistent_numel(&SIZES, 10, 15), 13);
+        let mut z3 = setup(2, 3, DType::BF16, 2);
+        z3.stage3_persistent = 20;
+        let s = model_state_bytes(&SIZES, &[], &z3).unwrap();
+        assert_eq!(s, bytes(2 * (28 + 20), 4 * 28, 4 * 28, 8 * 28));
     }
 
     #[test]

@@ -391,7 +391,10 @@ pub struct OptimizerState {
     pub spec: OptimizerSpec,
     pub groups: Vec<ParamGroup>,
     pub partition: Range<usize>,
-    /// One buffer per [`OptimizerSpec::state_names`], each `hi - lo` elements.
+    /// Elements of each buffer: `hi - lo`, or more when the partition carries DeepSpeed's
+    /// zero padding (the last ZeRO 1-2 rank; stage-3 pieces).
+    pub len: usize,
+    /// One buffer per [`OptimizerSpec::state_names`], each `len` elements.
     pub states: Vec<Vec<f32>>,
     /// Applied optimizer steps (torch's `state['step']`; skipped steps do not count).
     pub step: u64,
@@ -399,6 +402,16 @@ pub struct OptimizerState {
 
 impl OptimizerState {
     pub fn new(spec: OptimizerSpec, partition: Range<usize>) -> Self {
+        let len = partition.len();
+        Self::padded(spec, partition, len)
+    }
+
+    /// State for `partition` in buffers of `len >= hi - lo` elements (the tail is padding).
+    pub fn padded(spec: OptimizerSpec, partition: Range<usize>, len: usize) -> Self {
+        assert!(
+            len >= partition.len(),
+            "padding cannot shrink the partition"
+        );
         let wd = spec.weight_decay();
         let groups = vec![
             ParamGroup {
@@ -413,15 +426,12 @@ impl OptimizerState {
             },
         ];
         let init = spec.initial_state_value();
-        let states = spec
-            .state_names()
-            .iter()
-            .map(|_| vec![init; partition.len()])
-            .collect();
+        let states = spec.state_names().iter().map(|_| vec![init; len]).collect();
         OptimizerState {
             spec,
             groups,
             partition,
+            len,
             states,
             step: 0,
         }
@@ -431,8 +441,9 @@ impl OptimizerState {
         self.states.iter().map(|s| 4 * s.len() as u64).sum()
     }
 
-    /// One fused step over every segment's part of the partition. `grads` is in flat
-    /// coordinates; it is read as `grad * grad_scale`.
+    /// One fused step over every segment's part of the partition. `grads` holds the
+    /// partition's gradients (`grads[0]` is flat element `lo`); it is read as
+    /// `grad * grad_scale`.
     pub fn apply(
         &mut self,
         flat: &FlatLayout,
@@ -472,7 +483,7 @@ impl OptimizerState {
                 self.step,
                 grad_scale,
                 params,
-                &grads[start..end],
+                &grads[local.clone()],
                 &mut states,
                 out,
                 &tensor_lens,

@@ -1,6 +1,7 @@
 //! REFERENCE §5 T10 (DeepSpeed's `TestZeroToFP32`): a 53-element model, 4 Linear(3,3) and a
-//! Linear(4,1), trained at ZeRO stage 2 over 2 ranks (the odd count exercises the padding to
-//! 2 * world = 56), saved, and consolidated: the fp32 state equals the live fp32 parameters
+//! Linear(4,1), trained at ZeRO stages 2 and 3 over 2 ranks (the odd count exercises the padding
+//! to 2 * world = 56 at stage 2, each parameter's own ceil(numel / 2) at stage 3), saved, and
+//! consolidated: the fp32 state equals the live fp32 parameters
 //! (the gathered fp32 masters in bf16 training, the model's own weights in f32 training), with
 //! and without a frozen layer. A parameter list that does not match the partitions is
 //! DeepSpeed's "consumed X numels out of Y" error.
@@ -192,19 +193,28 @@ fn batch(rng: &mut Rng) -> Batch {
 
 const JSON: &str = r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 1,
     "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.01}},
-    "zero_optimization": {"stage": 2} PRECISION}"#;
+    "zero_optimization": {"stage": STAGE, "stage3_param_persistence_threshold": 0} PRECISION}"#;
 
 /// Trains 3 steps on 2 ranks and saves into `dir`; returns every trainable parameter's live
 /// fp32 value in flat order (gathered from both ranks' masters in 16-bit training) and the
 /// model's weights.
-fn train_and_save<T: Float>(precision: &str, frozen: bool, dir: &std::path::Path) -> Vec<f32> {
-    let cfg = config_for_world(&JSON.replace("PRECISION", precision), 2);
+fn train_and_save<T: Float>(
+    precision: &str,
+    frozen: bool,
+    dir: &std::path::Path,
+    stage: u8,
+) -> Vec<f32> {
+    let json = JSON
+        .replace("PRECISION", precision)
+        .replace("STAGE", &stage.to_string());
+    let cfg = config_for_world(&json, 2);
     let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
     let mut rng = Rng::new(5);
     let data: Vec<Vec<Batch>> = (0..3)
         .map(|_| (0..4).map(|_| batch(&mut rng)).collect())
         .collect();
-    let pieces: Vec<(std::ops::Range<usize>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+    type Placed = (std::ops::Range<usize>, usize);
+    let pieces: Vec<(Vec<Placed>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .enumerate()
@@ -221,12 +231,17 @@ fn train_and_save<T: Float>(precision: &str, frozen: bool, dir: &std::path::Path
                             .unwrap();
                     }
                     e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
-                    let params = e.model().params.iter().map(|v| v.to_f32()).collect();
-                    (
-                        e.optimizer().partition.clone(),
-                        e.master_weights().to_vec(),
-                        params,
-                    )
+                    let params = e
+                        .full_params()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect();
+                    let ranges = match e.zero3_layout() {
+                        Some(z) => z.train_ranges(),
+                        None => vec![(e.optimizer().partition.clone(), 0)],
+                    };
+                    (ranges, e.master_weights().to_vec(), params)
                 })
             })
             .collect();
@@ -236,20 +251,26 @@ fn train_and_save<T: Float>(precision: &str, frozen: bool, dir: &std::path::Path
     if T::DTYPE == DType::F32 {
         return model_params;
     }
-    let mut flat = Vec::new();
-    for (range, master, _) in &pieces {
-        assert_eq!(range.start, flat.len(), "partitions in rank order");
-        flat.extend_from_slice(master);
+    let trainable = model::<T>(frozen).layout.trainable_numel();
+    let mut flat = vec![f32::NAN; trainable];
+    for (ranges, master, _) in &pieces {
+        for (r, at) in ranges {
+            flat[r.clone()].copy_from_slice(&master[*at..*at + r.len()]);
+        }
     }
+    assert!(
+        flat.iter().all(|v| !v.is_nan()),
+        "the ranks' pieces cover every element"
+    );
     flat
 }
 
-fn check<T: Float>(precision: &str, frozen: bool, name: &str) {
+fn check<T: Float>(precision: &str, frozen: bool, name: &str, stage: u8) {
     let dir = scratch_dir(name);
-    let live = train_and_save::<T>(precision, frozen, &dir);
+    let live = train_and_save::<T>(precision, frozen, &dir, stage);
     let state = consolidate_fp32(&dir, None).unwrap();
     assert_eq!(state.layout.numel(), 53);
-    assert_eq!(state.zero_stage, 2);
+    assert_eq!(state.zero_stage, stage);
     assert_eq!(state.world_size, 2);
     let reference = model::<T>(frozen);
     let trainable = reference.layout.trainable_numel();
@@ -303,23 +324,43 @@ fn check<T: Float>(precision: &str, frozen: bool, name: &str) {
 
 #[test]
 fn t10_stage2_world2_bf16_masters_consolidate_exactly() {
-    check::<bf16>(r#", "bf16": {"enabled": true}"#, false, "t10-bf16");
+    check::<bf16>(r#", "bf16": {"enabled": true}"#, false, "t10-bf16", 2);
+}
+
+#[test]
+fn t10_stage3_world2_bf16_masters_consolidate_exactly() {
+    check::<bf16>(r#", "bf16": {"enabled": true}"#, false, "t10-z3-bf16", 3);
+}
+
+#[test]
+fn t10_stage3_world2_bf16_with_a_frozen_layer() {
+    check::<bf16>(
+        r#", "bf16": {"enabled": true}"#,
+        true,
+        "t10-z3-bf16-frozen",
+        3,
+    );
+}
+
+#[test]
+fn t10_stage3_world2_f32_pieces_are_the_master() {
+    check::<f32>("", true, "t10-z3-f32", 3);
 }
 
 #[test]
 fn t10_stage2_world2_bf16_with_a_frozen_layer() {
-    check::<bf16>(r#", "bf16": {"enabled": true}"#, true, "t10-bf16-frozen");
+    check::<bf16>(r#", "bf16": {"enabled": true}"#, true, "t10-bf16-frozen", 2);
 }
 
 #[test]
 fn t10_stage2_world2_f32_model_states_are_the_master() {
-    check::<f32>("", false, "t10-f32");
+    check::<f32>("", false, "t10-f32", 2);
 }
 
 #[test]
 fn a_parameter_list_that_does_not_match_the_partitions_is_the_consumed_error() {
     let dir = scratch_dir("t10-consumed");
-    train_and_save::<bf16>(r#", "bf16": {"enabled": true}"#, false, &dir);
+    train_and_save::<bf16>(r#", "bf16": {"enabled": true}"#, false, &dir, 2);
     let tag = std::fs::read_to_string(dir.join("latest")).unwrap();
     let meta_path = dir.join(tag.trim()).join("mp_rank_00_model_states.json");
     let mut meta: serde_json::Value =
@@ -342,7 +383,7 @@ fn a_parameter_list_that_does_not_match_the_partitions_is_the_consumed_error() {
 #[test]
 fn sharding_writes_an_index_and_bf16_output_rounds() {
     let dir = scratch_dir("t10-shards");
-    train_and_save::<bf16>(r#", "bf16": {"enabled": true}"#, false, &dir);
+    train_and_save::<bf16>(r#", "bf16": {"enabled": true}"#, false, &dir, 2);
     let state = consolidate_fp32(&dir, None).unwrap();
     let out = dir.join("hf");
     // A stale single file from an earlier run must not survive next to the shards.

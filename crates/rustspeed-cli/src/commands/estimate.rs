@@ -135,6 +135,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 stage,
                 compute_dtype: dtype,
                 optimizer_states: states,
+                // DeepSpeed's default stage3_param_persistence_threshold (1e5), no model cap:
+                // what the engine keeps whole with a config that does not set them.
+                stage3_persistent: memory::zero3_persistent_numel(&size.tensors, 100_000, u64::MAX),
             };
             memory::model_state_bytes(&size.tensors, &[], &setup)
         })

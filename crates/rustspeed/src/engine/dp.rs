@@ -1,16 +1,16 @@
 //! Data parallelism over ranks: what ZeRO stages 0-2 exchange at an optimizer step.
 //!
-//! Every rank runs forward/backward on its share of the global batch into a full-size fp32
-//! gradient buffer. At the accumulation boundary:
+//! At stages 0-1 every rank runs forward/backward on its share of the global batch into a
+//! full-size fp32 gradient buffer. At the accumulation boundary:
 //! - stage 0: the gradients are all-reduced; every rank steps the whole flat buffer;
 //! - stages 1 and 2: the flat buffer is padded to a multiple of `2 * world` (DeepSpeed's
 //!   `nccl_start_alignment_factor` rule, REFERENCE §1.7) and cut into equal pieces; gradients are
 //!   reduce-scattered so each rank gets its piece, each rank steps only its piece (fp32 master and
 //!   optimizer state are allocated for it alone), and the updated weights are all-gathered.
 //!
-//! Stage 2 here reduces at the boundary rather than in buckets during backward, so a rank still
-//! holds the full gradient buffer while accumulating (the bucketed, overlapped reduction is issue
-//! 6's remaining work; the arithmetic is the same).
+//! Stages 2 and 3 reduce gradients layer by layer during backward instead (`zero2.rs`,
+//! `zero3.rs`) and use this only for the partition rule and the scalar reductions (norm, loss,
+//! counts).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -131,6 +131,13 @@ impl DataParallel {
         let mut v = [x as f32];
         self.comm.all_reduce(&mut v, ReduceOp::Mean)?;
         Ok(v[0] as f64)
+    }
+
+    /// Maximum over ranks (micro-batches of a partial step).
+    pub fn max(&self, x: u64) -> Result<u64, rustspeed_comm::CommError> {
+        let mut v = [x as f32];
+        self.comm.all_reduce(&mut v, ReduceOp::Max)?;
+        Ok(v[0].round() as u64)
     }
 
     /// Sum over ranks (samples of a partial step).

@@ -18,13 +18,17 @@
 //!
 //! Buffers are laid out for ZeRO: the fp32 gradient, master and optimizer buffers cover the
 //! trainable parameters' flat layout ([`FlatLayout`]), and the optimizer steps the partition
-//! `[lo, hi)` (everything with one process).
+//! `[lo, hi)` (everything with one process). At stage 3 over several ranks (`zero3.rs`) they
+//! cover this rank's pieces of each parameter instead, the model's parameter buffer is freed,
+//! and forward/backward gather each layer when it runs.
 
 mod dp;
 mod eval;
 mod grads;
 mod resume;
 mod schedule;
+mod zero2;
+mod zero3;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -45,6 +49,7 @@ use crate::optimizer::{
 use crate::precision::{self, PrecisionError};
 
 pub use schedule::schedule_params;
+pub use zero3::{ShardSlot, Zero3Layout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -178,6 +183,12 @@ pub struct Engine<T: Float> {
     last_grad_norm: Option<f64>,
     /// Set when training over several ranks.
     dp: Option<dp::DataParallel>,
+    /// Set at ZeRO stage 3 over several ranks: the parameters' pieces; `model.params` is then
+    /// empty (see [`Engine::materialize_params`]).
+    z3: Option<zero3::Zero3<T>>,
+    /// Set at ZeRO stage 2 over several ranks: gradients reduced layer by layer into the
+    /// partition-sized `grads`.
+    z2: Option<zero2::Zero2>,
 }
 
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
@@ -214,11 +225,6 @@ impl<T: Float> Engine<T> {
                     comm: c.world_size(),
                 });
             }
-            if config.zero_stage() >= 3 {
-                return Err(EngineError::NotSupported(
-                    "ZeRO stage 3 over several ranks (issue 6); use stage 0-2".into(),
-                ));
-            }
             // They change the arithmetic of the reduction; ignoring them would train differently
             // than asked.
             if config.prescale_gradients || config.gradient_predivide_factor != 1.0 {
@@ -248,13 +254,72 @@ impl<T: Float> Engine<T> {
                 "LAMB with ZeRO stage 1-2 over several ranks (its per-tensor trust ratio needs norms across partitions)".into(),
             ));
         }
-        let partition: Range<usize> = dp
-            .as_ref()
-            .map_or(0..flat.numel, |d| d.partition(flat.numel));
+        let mut model = model;
+        let z3 = match &dp {
+            Some(d) if d.stage >= 3 => {
+                let zc = &config.zero_optimization;
+                let layout = zero3::Zero3Layout::new(
+                    &model.layout,
+                    &flat,
+                    d.world(),
+                    d.rank(),
+                    zc.param_persistence_threshold,
+                    zc.model_persistence_threshold,
+                );
+                let (shards, resident) = layout.split(&model.layout, &model.params);
+                // The point of stage 3: the whole buffer goes; layers are gathered on demand.
+                model.params = Vec::new();
+                Some(zero3::Zero3::new(
+                    d.comm.clone(),
+                    d.op,
+                    layout,
+                    shards,
+                    resident,
+                    zc.prefetch_bucket_size > 0,
+                    zc.overlap_comm,
+                ))
+            }
+            _ => None,
+        };
+        let z2 = match &dp {
+            Some(d) if d.stage == 2 => {
+                let zc = &config.zero_optimization;
+                let layout =
+                    zero3::Zero3Layout::new(&model.layout, &flat, d.world(), d.rank(), 0, 0);
+                Some(zero2::Zero2::new(
+                    d.comm.clone(),
+                    d.op,
+                    layout,
+                    d.padded / d.world(),
+                    zc.reduce_bucket_size,
+                    zc.overlap_comm,
+                ))
+            }
+            _ => None,
+        };
+        let partition: Range<usize> = match (&dp, &z3) {
+            (_, Some(z)) => 0..z.layout.train_numel,
+            (Some(d), None) => d.partition(flat.numel),
+            (None, None) => 0..flat.numel,
+        };
+        // DeepSpeed's partitions are equal after alignment: the last rank's carries the zero
+        // padding in its fp32 buffers too.
+        let buffer_len = match (&dp, &z3) {
+            (Some(d), None) if d.stage >= 1 => d.padded / d.world(),
+            _ => partition.len(),
+        };
         let master = if config.precision == Precision::Fp32 {
             Vec::new()
-        } else {
+        } else if let Some(z) = &z3 {
             let mut m = vec![0.0f32; partition.len()];
+            for (_, f, range) in z.layout.flat.pieces(partition.clone()) {
+                for (d, s) in m[f].iter_mut().zip(&z.shards[range]) {
+                    *d = s.to_f32();
+                }
+            }
+            m
+        } else {
+            let mut m = vec![0.0f32; buffer_len];
             for (_, f, range) in flat.pieces(partition.clone()) {
                 let dst = &mut m[f.start - partition.start..f.end - partition.start];
                 for (d, s) in dst.iter_mut().zip(&model.params[range]) {
@@ -264,7 +329,7 @@ impl<T: Float> Engine<T> {
             m
         };
         let has_betas = spec.has_betas();
-        let optimizer = OptimizerState::new(spec, partition);
+        let optimizer = OptimizerState::padded(spec, partition, buffer_len);
         let base_lrs: Vec<f64> = optimizer.groups.iter().map(|g| g.lr).collect();
         let scheduler = match (&config.scheduler, &options.fallback_schedule) {
             (Some(s), _) => Some(schedule::build(s, &base_lrs, has_betas)?),
@@ -272,7 +337,15 @@ impl<T: Float> Engine<T> {
             (None, None) => None,
         };
         let engine = Engine {
-            grads: vec![0.0; dp.as_ref().map_or(flat.numel, |d| d.padded)],
+            grads: vec![
+                0.0;
+                match (&z3, &z2, &dp) {
+                    (Some(z), _, _) => z.layout.train_numel,
+                    (None, Some(z), _) => z.piece,
+                    (None, None, Some(d)) => d.padded,
+                    (None, None, None) => flat.numel,
+                }
+            ],
             master,
             optimizer,
             scheduler,
@@ -289,6 +362,8 @@ impl<T: Float> Engine<T> {
             pending: None,
             last_grad_norm: None,
             dp,
+            z3,
+            z2,
             flat,
             model,
             config: config.clone(),
@@ -335,6 +410,32 @@ impl<T: Float> Engine<T> {
                 layer: String::new(),
             });
         };
+        if let Some(z3) = &mut self.z3 {
+            // A materialized copy (exports) is stale once training goes on.
+            model.params = Vec::new();
+            let loss = zero3::forward(model, z3, Some(&ctx))?;
+            let loss = loss.ok_or_else(|| EngineError::NoLoss {
+                layer: model.layers[last].name().to_string(),
+            })?;
+            self.pending = Some(Pending {
+                batch: batch.clone(),
+                dropout_seed: seed,
+                grad_scale,
+            });
+            return Ok(loss.mean() as f32);
+        }
+        if let Some(z2) = &mut self.z2 {
+            let loss =
+                zero2::forward(model, z2, Some(&ctx)).ok_or_else(|| EngineError::NoLoss {
+                    layer: model.layers[last].name().to_string(),
+                })?;
+            self.pending = Some(Pending {
+                batch: batch.clone(),
+                dropout_seed: seed,
+                grad_scale,
+            });
+            return Ok(loss.mean() as f32);
+        }
         let mut flow = Flow::default();
         for i in 0..last {
             let views = model.layout.layer_views(i, &model.params);
@@ -377,7 +478,11 @@ impl<T: Float> Engine<T> {
             dropout_seed: pending.dropout_seed,
             grad_scale: pending.grad_scale,
         };
-        grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx);
+        match (&mut self.z3, &mut self.z2) {
+            (Some(z3), _) => zero3::backward(&mut self.model, z3, &mut self.grads, Some(&ctx))?,
+            (None, Some(z2)) => zero2::backward(&mut self.model, z2, &mut self.grads, Some(&ctx))?,
+            (None, None) => grads::backward(&mut self.model, &self.flat, &mut self.grads, &ctx),
+        }
         Ok(())
     }
 
@@ -402,10 +507,17 @@ impl<T: Float> Engine<T> {
         let part = self.optimizer.partition.clone();
         let loss_scale = self.scaler.loss_scale();
         let lr = self.lr();
-        if let Some(dp) = &self.dp {
+        // Stages 2-3 reduced each layer as its backward ended; `grads` is the partition.
+        let layerwise = self.z3.is_some() || self.z2.is_some();
+        if let (Some(dp), false) = (&self.dp, layerwise) {
             dp.reduce_grads(&mut self.grads, self.flat.numel)?;
         }
-        let local = grad_norm(&self.grads[part]);
+        let local_grads = if layerwise {
+            &self.grads[..part.len()]
+        } else {
+            &self.grads[part]
+        };
+        let local = grad_norm(local_grads);
         let norm = match &self.dp {
             Some(dp) => GradNorm {
                 sum_sq: dp.global_sum_sq(local.sum_sq)?,
@@ -429,11 +541,24 @@ impl<T: Float> Engine<T> {
             clip_coef = clip_coefficient(norm.norm(), loss_scale, self.clipping);
             let grad_scale = (1.0 / (loss_scale * clip_coef)) as f32;
             let hyper = self.step_hyper();
-            let weights = precision::weights_view(&mut self.model.params, &mut self.master);
-            self.optimizer
-                .apply(&self.flat, weights, &self.grads, grad_scale, &hyper)?;
-            if let Some(dp) = &self.dp {
-                dp.gather_params(&self.flat, &mut self.model.params)?;
+            if let Some(z3) = &mut self.z3 {
+                let weights = precision::weights_view(&mut z3.shards, &mut self.master);
+                self.optimizer
+                    .apply(&z3.layout.flat, weights, &self.grads, grad_scale, &hyper)?;
+                z3.refresh_resident()?;
+            } else {
+                let weights = precision::weights_view(&mut self.model.params, &mut self.master);
+                let part = self.optimizer.partition.clone();
+                let grads = if self.z2.is_some() {
+                    &self.grads[..part.len()]
+                } else {
+                    &self.grads[part]
+                };
+                self.optimizer
+                    .apply(&self.flat, weights, grads, grad_scale, &hyper)?;
+                if let Some(dp) = &self.dp {
+                    dp.gather_params(&self.flat, &mut self.model.params)?;
+                }
             }
             self.scaler.update_scale(false)?;
             if let Some(s) = &mut self.scheduler {
@@ -541,6 +666,12 @@ impl<T: Float> Engine<T> {
             Some(dp) => (dp.sum(n)?, dp.world() as u64),
             None => (n, 1),
         };
+        // Stage 3 communicates during every micro-step: a rank with fewer micro-batches joins
+        // the others' collectives with nothing to add.
+        let most = match &self.dp {
+            Some(dp) if self.z3.is_some() || self.z2.is_some() => dp.max(n)?,
+            _ => n,
+        };
         if total == 0 {
             return Err(EngineError::PartialStep {
                 gas: self.gas,
@@ -558,6 +689,9 @@ impl<T: Float> Engine<T> {
                 sum += self.forward(batch)? as f64;
                 self.backward()?;
                 self.micro_steps = start + i as u64 + 1;
+            }
+            for _ in n..most {
+                self.idle_micro_step()?;
             }
             self.micro_steps = start + self.gas - 1;
             let mut step = self.take_model_step()?;
@@ -635,7 +769,8 @@ impl<T: Float> Engine<T> {
         &self.optimizer
     }
 
-    /// The accumulated (loss-scaled) fp32 gradients in flat coordinates.
+    /// The accumulated (loss-scaled) fp32 gradients in flat coordinates (at stage 3: this
+    /// rank's pieces, [`Zero3Layout::train_ranges`]).
     pub fn grads(&self) -> &[f32] {
         &self.grads
     }
@@ -647,7 +782,10 @@ impl<T: Float> Engine<T> {
 
     /// Bytes this engine holds for model states, counted from its allocations.
     pub fn model_state_bytes(&self) -> ModelStateBytes {
-        let weights = (self.model.params.len() * std::mem::size_of::<T>()) as u64;
+        let weights = match &self.z3 {
+            Some(z3) => z3.state_bytes(),
+            None => (self.model.params.len() * std::mem::size_of::<T>()) as u64,
+        };
         let grads = 4 * self.grads.len() as u64;
         let master = 4 * self.master.len() as u64;
         let optimizer = self.optimizer.state_bytes();
@@ -660,26 +798,35 @@ impl<T: Float> Engine<T> {
         }
     }
 
-    /// `rustspeed::memory`'s stage-0 figure for this model and config (what
-    /// [`Engine::model_state_bytes`] must equal).
+    /// `rustspeed::memory`'s per-rank figure for this model, config, stage and world size
+    /// (what [`Engine::model_state_bytes`] must equal).
     pub fn expected_model_state_bytes(&self) -> Result<ModelStateBytes, memory::MemoryError> {
-        let (mut trainable, mut frozen) = (Vec::new(), Vec::new());
+        let (mut trainable, mut frozen, mut all) = (Vec::new(), Vec::new(), Vec::new());
         for s in self.model.layout.slots() {
             let n = s.spec.numel() as u64;
+            all.push(n);
             if s.spec.trainable {
                 trainable.push(n)
             } else {
                 frozen.push(n)
             }
         }
+        let (_, world) = self.rank_and_world();
+        let stage = self.dp.as_ref().map_or(0, |d| d.stage);
+        let zc = &self.config.zero_optimization;
         memory::model_state_bytes(
             &trainable,
             &frozen,
             &MemorySetup {
-                world_size: 1,
-                stage: 0,
+                world_size: world as u64,
+                stage,
                 compute_dtype: T::DTYPE,
                 optimizer_states: self.optimizer.spec.memory_kind().fp32_states_per_param(),
+                stage3_persistent: memory::zero3_persistent_numel(
+                    &all,
+                    zc.param_persistence_threshold,
+                    zc.model_persistence_threshold,
+                ),
             },
         )
     }

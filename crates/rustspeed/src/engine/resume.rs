@@ -8,8 +8,9 @@ use rustspeed_kernels::Float;
 
 use super::{Engine, EngineError};
 use crate::checkpoint::{
-    self, optim_states_file, CheckpointError, CheckpointMeta, OutTensor, ParamShape, RngState,
-    MODEL_META, MODEL_STATES,
+    self, copy_overlaps, encode_ranges, optim_states_file, CheckpointError, CheckpointMeta,
+    OutTensor, ParamShape, Placed, RngState, MODEL_META, MODEL_STATES, PARAM_SHARDS, PARTITION_LEN,
+    PARTITION_RANGES,
 };
 
 const MASTER: &str = crate::consolidate::FP32_MASTER;
@@ -67,6 +68,35 @@ impl<T: Float> Engine<T> {
         self.effective_stage() >= 1
     }
 
+    /// The flat (trainable) ranges this rank's fp32 partition holds, with their offsets in it.
+    fn my_ranges(&self) -> Vec<Placed> {
+        match &self.z3 {
+            Some(z) => z.layout.train_ranges(),
+            None => vec![(self.optimizer.partition.clone(), 0)],
+        }
+    }
+
+    /// Where the parameters this rank holds live: (name, element range, offset in the
+    /// buffer), the buffer being `model.params` (whole) or, at stage 3, the shard buffer.
+    fn my_params(&self) -> Vec<(String, Placed)> {
+        match &self.z3 {
+            Some(z) => z
+                .layout
+                .slots
+                .iter()
+                .map(|p| (p.name.clone(), (p.owned(z.layout.rank), p.offset)))
+                .filter(|(_, (r, _))| !r.is_empty())
+                .collect(),
+            None => self
+                .model
+                .layout
+                .slots()
+                .iter()
+                .map(|s| (s.spec.name.clone(), (0..s.spec.numel(), s.offset)))
+                .collect(),
+        }
+    }
+
     fn partition_metadata(&self) -> HashMap<String, String> {
         let p = &self.optimizer.partition;
         let count = if self.partitioned() {
@@ -74,19 +104,35 @@ impl<T: Float> Engine<T> {
         } else {
             1
         };
-        [
+        let mut m: HashMap<String, String> = [
             ("format", "rustspeed".to_string()),
             ("optimizer", self.optimizer.spec.name().to_string()),
             ("optimizer_step", self.optimizer.step.to_string()),
             ("zero_stage", self.effective_stage().to_string()),
             ("partition_count", count.to_string()),
-            ("partition_lo", p.start.to_string()),
-            ("partition_hi", p.end.to_string()),
             ("flat_numel", self.flat.numel.to_string()),
+            (PARTITION_RANGES, encode_ranges(&self.my_ranges())),
+            (PARTITION_LEN, self.optimizer.len.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        .collect();
+        if self.z3.is_none() {
+            // The one contiguous range, as files before PARTITION_RANGES recorded it.
+            m.insert("partition_lo".into(), p.start.to_string());
+            m.insert("partition_hi".into(), p.end.to_string());
+        } else {
+            let entries: Vec<(String, usize, usize, usize)> = self
+                .my_params()
+                .into_iter()
+                .map(|(n, (r, o))| (n, r.start, r.end, o))
+                .collect();
+            m.insert(
+                PARAM_SHARDS.into(),
+                serde_json::to_string(&entries).expect("plain data"),
+            );
+        }
+        m
     }
 
     /// Saves every model state under `<dir>/<tag>` (default `global_step{N}`) and points
@@ -121,7 +167,8 @@ impl<T: Float> Engine<T> {
             let bytes = self.optim_bytes(&tmp.join(&name))?;
             checkpoint::put_file(&tmp, &name, &bytes)?;
         }
-        if rank == 0 {
+        // At stage 3 no rank holds the whole parameters: each rank's file holds its pieces.
+        if rank == 0 && self.z3.is_none() {
             let model_path = tmp.join(MODEL_STATES);
             let model_tensors: Vec<OutTensor> = self
                 .model
@@ -142,6 +189,8 @@ impl<T: Float> Engine<T> {
                 [("format".to_string(), "pt".to_string())].into();
             let model_bytes = checkpoint::serialize(&model_tensors, model_meta, &model_path)?;
             checkpoint::put_file(&tmp, MODEL_STATES, &model_bytes)?;
+        }
+        if rank == 0 {
             let meta = serde_json::to_vec_pretty(&self.meta(client_state)).expect("plain data");
             checkpoint::put_file(&tmp, MODEL_META, &meta)?;
         }
@@ -172,6 +221,14 @@ impl<T: Float> Engine<T> {
             .zip(&self.optimizer.states)
         {
             tensors.push(OutTensor::f32(name, values));
+        }
+        if let Some(z3) = &self.z3 {
+            tensors.push(OutTensor {
+                name: PARAM_SHARDS.to_string(),
+                dtype: T::DTYPE,
+                shape: vec![z3.shards.len()],
+                bytes: checkpoint::encode(z3.shards.iter().map(|v| v.to_f32()), T::DTYPE),
+            });
         }
         Ok(checkpoint::serialize(
             &tensors,
@@ -240,23 +297,17 @@ impl<T: Float> Engine<T> {
             .into());
         }
 
-        let model_path = tag_dir.join(MODEL_STATES);
-        let model_bytes = checkpoint::read_file(&model_path)?;
-        let st = checkpoint::parse(&model_bytes, &model_path)?;
-        let mut params = Vec::with_capacity(self.model.params.len());
-        for s in self.model.layout.slots() {
-            let v =
-                checkpoint::read_values(&st, &s.spec.name, T::DTYPE, s.spec.numel(), &model_path)?;
-            params.push((s.range(), v));
-        }
-
+        let params = self.read_params(&tag_dir)?;
         let (master, states, optimizer_step) = self.read_partition(&tag_dir)?;
 
         // Everything is read and checked: apply.
-        for (range, v) in params {
-            for (dst, x) in self.model.params[range].iter_mut().zip(v) {
-                *dst = T::from_f32(x);
+        match &mut self.z3 {
+            Some(z3) => {
+                z3.shards = params;
+                z3.refresh_resident()?;
+                self.model.params = Vec::new();
             }
+            None => self.model.params = params,
         }
         self.master = master;
         self.optimizer.states = states;
@@ -280,6 +331,91 @@ impl<T: Float> Engine<T> {
         Ok(Some(meta.client_state))
     }
 
+    /// The parameters this rank holds ([`Engine::my_params`]), from the whole parameters of a
+    /// stage 0-2 checkpoint or from every rank's pieces of a stage-3 one.
+    fn read_params(&self, tag_dir: &Path) -> Result<Vec<T>, EngineError> {
+        let mine = self.my_params();
+        let len = match &self.z3 {
+            Some(z) => z.layout.shard_numel,
+            None => self.model.layout.numel(),
+        };
+        let mut out = vec![T::default(); len];
+        let want: usize = mine.iter().map(|(_, (r, _))| r.len()).sum();
+        let mut copied = 0;
+        let model_path = tag_dir.join(MODEL_STATES);
+        if model_path.exists() {
+            let model_bytes = checkpoint::read_file(&model_path)?;
+            let st = checkpoint::parse(&model_bytes, &model_path)?;
+            for (name, dst) in &mine {
+                let numel = self
+                    .model
+                    .layout
+                    .get(name)
+                    .expect("our own slot")
+                    .spec
+                    .numel();
+                let v = checkpoint::read_values(&st, name, T::DTYPE, numel, &model_path)?;
+                copied += copy_overlaps(
+                    &[(0..numel, 0)],
+                    &v,
+                    std::slice::from_ref(dst),
+                    &mut out,
+                    T::from_f32,
+                );
+            }
+        } else {
+            let first = tag_dir.join(optim_states_file(0));
+            let info = checkpoint::metadata(&checkpoint::read_file(&first)?, &first)?;
+            let count = info
+                .get("partition_count")
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| CheckpointError::Format {
+                    path: first.clone(),
+                    message: "metadata `partition_count` is missing or not an integer".into(),
+                })?;
+            let by_name: HashMap<&str, &Placed> =
+                mine.iter().map(|(n, p)| (n.as_str(), p)).collect();
+            for r in 0..count {
+                let path = tag_dir.join(optim_states_file(r as u64));
+                let bytes = checkpoint::read_file(&path)?;
+                let info = checkpoint::metadata(&bytes, &path)?;
+                let entries = checkpoint::param_shard_entries(&info, &path)?;
+                let st = checkpoint::parse(&bytes, &path)?;
+                let numel = st
+                    .tensor(PARAM_SHARDS)
+                    .map(|t| t.shape().iter().product())
+                    .unwrap_or(0);
+                let v = checkpoint::read_values(&st, PARAM_SHARDS, T::DTYPE, numel, &path)?;
+                for (name, src) in &entries {
+                    let Some(dst) = by_name.get(name.as_str()) else {
+                        return Err(CheckpointError::Mismatch {
+                            path,
+                            mismatch: format!("parameter `{name}` is not in the model"),
+                        }
+                        .into());
+                    };
+                    copied += copy_overlaps(
+                        std::slice::from_ref(src),
+                        &v,
+                        std::slice::from_ref(*dst),
+                        &mut out,
+                        T::from_f32,
+                    );
+                }
+            }
+        }
+        if copied != want {
+            return Err(CheckpointError::Format {
+                path: tag_dir.to_path_buf(),
+                message: format!(
+                    "the saved parameters cover {copied} of the {want} elements this rank holds"
+                ),
+            }
+            .into());
+        }
+        Ok(out)
+    }
+
     /// This rank's partition of the fp32 master and optimizer states, assembled from every
     /// saved rank's file that overlaps it: a checkpoint saved with N ranks loads with M ranks
     /// at any stage (the flat layout is the same; only the cut differs).
@@ -297,8 +433,9 @@ impl<T: Float> Engine<T> {
         };
         let count = field(&info, "partition_count", &first)? as usize;
         let want = self.partition_metadata();
-        let mine = self.optimizer.partition.clone();
-        let n = mine.len();
+        let mine = self.my_ranges();
+        let n = self.optimizer.len;
+        let need: usize = mine.iter().map(|(r, _)| r.len()).sum();
         let with_master = !self.master.is_empty();
         let names = self.optimizer.spec.state_names();
         let mut master = vec![0f32; if with_master { n } else { 0 }];
@@ -333,17 +470,16 @@ impl<T: Float> Engine<T> {
                 }
                 .into());
             }
-            let lo = field(&info, "partition_lo", &path)? as usize;
-            let hi = field(&info, "partition_hi", &path)? as usize;
-            let (a, b) = (lo.max(mine.start), hi.min(mine.end));
-            if a >= b {
+            let (theirs, len) = checkpoint::partition_ranges(&info, &path)?;
+            let overlap = checkpoint::overlap_len(&theirs, &mine);
+            if overlap == 0 {
                 continue;
             }
             let st = checkpoint::parse(&bytes, &path)?;
             let f32_ = rustspeed_kernels::DType::F32;
             let copy = |name: &str, dst: &mut [f32]| -> Result<(), EngineError> {
-                let v = checkpoint::read_values(&st, name, f32_, hi - lo, &path)?;
-                dst[a - mine.start..b - mine.start].copy_from_slice(&v[a - lo..b - lo]);
+                let v = checkpoint::read_values(&st, name, f32_, len, &path)?;
+                copy_overlaps(&theirs, &v, &mine, dst, |x| x);
                 Ok(())
             };
             if with_master {
@@ -352,14 +488,13 @@ impl<T: Float> Engine<T> {
             for (name, dst) in names.iter().zip(&mut states) {
                 copy(name, dst)?;
             }
-            covered += b - a;
+            covered += overlap;
         }
-        if covered != n {
+        if covered != need {
             return Err(CheckpointError::Format {
                 path: tag_dir.to_path_buf(),
                 message: format!(
-                    "the saved partitions cover {covered} of this rank's {n} elements [{}, {})",
-                    mine.start, mine.end
+                    "the saved partitions cover {covered} of the {need} elements this rank holds"
                 ),
             }
             .into());

@@ -258,7 +258,8 @@ impl Run<'_> {
         let (mut total_tokens, t_train) = (0u64, Instant::now());
         let mut last_eval: Option<(u64, f64)> = None;
         let mut last_saved = None;
-        let eval_samples = eval_samples.filter(|_| main);
+        // Rank 0 evaluates; at ZeRO stage 3 every rank does, since each layer is gathered.
+        let eval_samples = eval_samples.filter(|_| main || engine.params_partitioned());
         if let Some(eval) = eval_samples.filter(|_| args.eval_on_start) {
             if engine.global_steps() == 0 {
                 let loss = evaluate(
@@ -365,6 +366,26 @@ impl Run<'_> {
         }
         bar.finish_and_clear();
         let train_secs = t_train.elapsed().as_secs_f64();
+        // Measured before the export gathers the whole parameters (ZeRO-3).
+        let bytes = engine.model_state_bytes();
+        if world > 1 {
+            // Each rank's own figure (the launcher prefixes its rank), next to the memory
+            // model's for this stage and world size, which it must equal.
+            let expected = engine
+                .expected_model_state_bytes()
+                .map_or("unknown".into(), |b| human_bytes(b.total));
+            eprintln!(
+                "rank {rank} of {world}, ZeRO stage {}: model states {} (weights {} + grads {} + fp32 master {} + optimizer {}); memory model {expected}",
+                self.config.zero_stage(),
+                human_bytes(bytes.total),
+                human_bytes(bytes.weights),
+                human_bytes(bytes.grads),
+                human_bytes(bytes.master),
+                human_bytes(bytes.optimizer),
+            );
+        }
+        // A collective at stage 3: every rank gathers the parameters the export writes.
+        engine.materialize_params()?;
         if !main {
             return Ok(());
         }
@@ -372,7 +393,6 @@ impl Run<'_> {
 
         let final_dir = out.join("final");
         self.export(&engine, &final_dir)?;
-        let bytes = engine.model_state_bytes();
         let s = &self.data.train.summary;
         println!(
             "trained {} steps, {total_tokens} tokens in {train_secs:.1}s ({:.0} tokens/s); peak RSS {}; model states {} (weights {} + grads {} + fp32 master {} + optimizer {})",
