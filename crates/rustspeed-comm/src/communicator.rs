@@ -25,12 +25,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct CommConfig {
     /// Watchdog: a collective or send/recv not finished within this fails on every rank.
     pub timeout: Duration,
-    /// Bytes of one shared-memory slot (a chunk; `shm_slots` per rank); bigger buffers are
-    /// pipelined. RUSTSPEED_SHM_CHUNK_BYTES overrides.
+    /// Bytes of one shared-memory half (two per rank); bigger buffers are pipelined.
     pub shm_half_bytes: usize,
-    /// Slots per rank, a power of two, at least 2: how many chunks a rank may run ahead of its
-    /// slowest peer in reduce_scatter and all_gather. RUSTSPEED_SHM_SLOTS overrides.
-    pub shm_slots: usize,
     /// Bytes of one point-to-point ring (power of two).
     pub shm_p2p_bytes: usize,
     /// Let ranks read each other's buffers directly (process_vm_readv) when the system
@@ -38,11 +34,6 @@ pub struct CommConfig {
     /// machine in docs/BENCHMARKS.md that made it about 2x slower than two plain copies, so
     /// it is off by default. RUSTSPEED_SHM_SINGLE_COPY=1 turns it on.
     pub shm_single_copy: bool,
-    /// Collectives whose full buffer has at least this many bytes write their output with
-    /// streaming (non-temporal) stores: no write-allocate read, and the cache is left to the
-    /// shared halves. Smaller outputs stay cached for whoever reads them next.
-    /// RUSTSPEED_SHM_STREAM_BYTES overrides; `usize::MAX` turns streaming off.
-    pub shm_stream_min_bytes: usize,
 }
 
 impl Default for CommConfig {
@@ -50,10 +41,8 @@ impl Default for CommConfig {
         CommConfig {
             timeout: DEFAULT_TIMEOUT,
             shm_half_bytes: shm::DEFAULT_HALF_BYTES,
-            shm_slots: shm::DEFAULT_SLOTS,
             shm_p2p_bytes: shm::DEFAULT_P2P_BYTES,
             shm_single_copy: false,
-            shm_stream_min_bytes: shm::DEFAULT_STREAM_MIN_BYTES,
         }
     }
 }
@@ -77,12 +66,6 @@ impl CommConfig {
                 )));
             }
             cfg.shm_half_bytes = b.next_multiple_of(4096);
-        }
-        if let Some(k) = env::var_usize("RUSTSPEED_SHM_SLOTS")? {
-            cfg.shm_slots = k;
-        }
-        if let Some(b) = env::var_usize("RUSTSPEED_SHM_STREAM_BYTES")? {
-            cfg.shm_stream_min_bytes = b;
         }
         match std::env::var("RUSTSPEED_SHM_SINGLE_COPY").as_deref() {
             Err(_) => {}
@@ -352,13 +335,6 @@ impl Communicator {
             c.store = Some(store);
             return Ok(c);
         }
-        if cfg.shm_slots < 2 || !cfg.shm_slots.is_power_of_two() {
-            return Err(CommError::setup(format!(
-                "shm backend: {} slots per rank (CommConfig::shm_slots or RUSTSPEED_SHM_SLOTS): expected a power \
-                 of two, at least 2 (step numbers wrap at 2^32 and must keep their slot)",
-                cfg.shm_slots
-            )));
-        }
         // Each rank counts the communicators it made, so a second one on the same store uses
         // fresh keys (ranks make them in the same order).
         let generation = store.add(&format!("rustspeed/generation/{rank}"), 1)?;
@@ -374,7 +350,6 @@ impl Communicator {
             ));
             let layout = Layout {
                 world,
-                slots: cfg.shm_slots,
                 half_bytes: cfg.shm_half_bytes,
                 p2p_bytes: cfg.shm_p2p_bytes.next_power_of_two(),
             };
@@ -434,11 +409,8 @@ impl Communicator {
         tracing::debug!(rank, world, single_copy, "shm backend ready");
         let region = Arc::new(region);
         let r2 = region.clone();
-        let stream_min = cfg.shm_stream_min_bytes;
         let (tx, worker, _) = spawn_worker(rank, move || {
-            Ok(Worker::Shm(
-                ShmGroup::new(r2, single_copy).with_stream_min_bytes(stream_min),
-            ))
+            Ok(Worker::Shm(ShmGroup::new(r2, single_copy)))
         })?;
         Ok(Communicator {
             info,

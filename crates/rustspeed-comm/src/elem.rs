@@ -162,18 +162,6 @@ fn fold2(op: ReduceOp, d: &mut [f32], a: &[f32], b: &[f32]) {
 /// (rank order), so whichever rank reduces a piece, the bits are the same.
 /// `world` is the divisor for `Mean`.
 pub fn reduce_into<T: Elem>(srcs: &[&[T]], dst: &mut [T], op: ReduceOp, world: usize) {
-    reduce_into_stream(srcs, dst, op, world, false)
-}
-
-/// `reduce_into`, writing `dst` with streaming stores when `stream` (a destination too big to
-/// stay cached: see `stream`). Each block is reduced in an L1-resident buffer, then streamed.
-pub fn reduce_into_stream<T: Elem>(
-    srcs: &[&[T]],
-    dst: &mut [T],
-    op: ReduceOp,
-    world: usize,
-    stream: bool,
-) {
     let n = dst.len();
     assert!(srcs.iter().all(|s| s.len() == n) && !srcs.is_empty());
     if T::DTYPE == DType::F32 {
@@ -183,7 +171,7 @@ pub fn reduce_into_stream<T: Elem>(
             .map(|s| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, n) })
             .collect();
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, n) };
-        return reduce_f32(&srcs, dst, op, world, stream);
+        return reduce_f32(&srcs, dst, op, world);
     }
     if T::DTYPE == DType::BF16 {
         // SAFETY: T is bf16 (repr(transparent) over u16), so these are the same slices.
@@ -192,7 +180,7 @@ pub fn reduce_into_stream<T: Elem>(
             .map(|s| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, n) })
             .collect();
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u16, n) };
-        return reduce_bf16(&srcs, dst, op, world, stream);
+        return reduce_bf16(&srcs, dst, op, world);
     }
     let mut acc = [0f32; BLOCK];
     let mut tmp = [0f32; BLOCK];
@@ -209,18 +197,8 @@ pub fn reduce_into_stream<T: Elem>(
             let w = world as f32;
             acc.iter_mut().for_each(|a| *a /= w);
         }
-        if stream {
-            let mut out = [T::default(); BLOCK];
-            T::narrow(acc, &mut out[..len]);
-            // SAFETY: dst[lo..lo + len] is in bounds; out is a distinct stack buffer.
-            unsafe { crate::stream::stream_raw(dst[lo..].as_mut_ptr(), out.as_ptr(), len) };
-        } else {
-            T::narrow(acc, &mut dst[lo..lo + len]);
-        }
+        T::narrow(acc, &mut dst[lo..lo + len]);
         lo += len;
-    }
-    if stream {
-        crate::stream::fence();
     }
 }
 
@@ -240,35 +218,27 @@ fn f32_to_bf16(x: f32) -> u16 {
 
 /// Picks the widest vector unit at run time: the branch-free rounding select costs 2x on
 /// baseline x86-64 (SSE2 has no blend) compared with AVX2.
-fn reduce_bf16(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize, stream: bool) {
+fn reduce_bf16(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        unsafe { reduce_bf16_avx2(srcs, dst, op, world, stream) };
-        return;
+        return unsafe { reduce_bf16_avx2(srcs, dst, op, world) };
     }
-    reduce_bf16_body(srcs, dst, op, world, stream)
+    reduce_bf16_body(srcs, dst, op, world)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn reduce_bf16_avx2(
-    srcs: &[&[u16]],
-    dst: &mut [u16],
-    op: ReduceOp,
-    world: usize,
-    stream: bool,
-) {
-    reduce_bf16_body(srcs, dst, op, world, stream)
+unsafe fn reduce_bf16_avx2(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize) {
+    reduce_bf16_body(srcs, dst, op, world)
 }
 
 /// bf16 with the widening fused into the first combine and the rounding into the store:
 /// one pass over the sources, f32 only in an L1-resident block.
 #[inline(always)]
-fn reduce_bf16_body(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize, stream: bool) {
+fn reduce_bf16_body(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize) {
     let n = dst.len();
     let mut acc = [0f32; BLOCK];
-    let mut out = [0u16; BLOCK];
     let mut lo = 0;
     while lo < n {
         let hi = (lo + BLOCK).min(n);
@@ -311,38 +281,21 @@ fn reduce_bf16_body(srcs: &[&[u16]], dst: &mut [u16], op: ReduceOp, world: usize
             let w = world as f32;
             acc.iter_mut().for_each(|a| *a /= w);
         }
-        let d = if stream {
-            &mut out[..hi - lo]
-        } else {
-            &mut dst[lo..hi]
-        };
-        for (d, &a) in d.iter_mut().zip(acc.iter()) {
+        for (d, &a) in dst[lo..hi].iter_mut().zip(acc.iter()) {
             *d = f32_to_bf16(a);
         }
-        if stream {
-            // SAFETY: dst[lo..hi] is in bounds; out is a distinct stack buffer.
-            unsafe { crate::stream::stream_raw(dst[lo..].as_mut_ptr(), out.as_ptr(), hi - lo) };
-        }
         lo = hi;
-    }
-    if stream {
-        crate::stream::fence();
     }
 }
 
 /// f32 needs no staging: the first two sources combine straight into `dst`, block by block
 /// so the later sources fold into a block that is still in L1.
-fn reduce_f32(srcs: &[&[f32]], dst: &mut [f32], op: ReduceOp, world: usize, stream: bool) {
+fn reduce_f32(srcs: &[&[f32]], dst: &mut [f32], op: ReduceOp, world: usize) {
     let n = dst.len();
-    let mut out = [0f32; BLOCK];
     let mut lo = 0;
     while lo < n {
         let hi = (lo + BLOCK).min(n);
-        let d = if stream {
-            &mut out[..hi - lo]
-        } else {
-            &mut dst[lo..hi]
-        };
+        let d = &mut dst[lo..hi];
         if srcs.len() == 1 {
             d.copy_from_slice(&srcs[0][lo..hi]);
         } else {
@@ -355,14 +308,7 @@ fn reduce_f32(srcs: &[&[f32]], dst: &mut [f32], op: ReduceOp, world: usize, stre
             let w = world as f32;
             d.iter_mut().for_each(|a| *a /= w);
         }
-        if stream {
-            // SAFETY: dst[lo..hi] is in bounds; out is a distinct stack buffer.
-            unsafe { crate::stream::stream_raw(dst[lo..].as_mut_ptr(), out.as_ptr(), hi - lo) };
-        }
         lo = hi;
-    }
-    if stream {
-        crate::stream::fence();
     }
 }
 

@@ -22,7 +22,6 @@ pub mod partition;
 pub mod shm;
 mod shm_cma;
 pub mod store;
-pub mod stream;
 
 pub use communicator::{CommConfig, Communicator, Handle, Pending, Scope, DEFAULT_TIMEOUT};
 pub use elem::{DType, Elem, ReduceOp};

@@ -2,27 +2,21 @@
 //! /dev/shm) and move data through it.
 //!
 //! Layout of the file: a header (abort flag and message), one control block per rank (its
-//! round and done counters, pid, the collective it is in), one control block per ordered pair
-//! of ranks (point-to-point rings), then the data: per rank `slots` slots of `half_bytes`
-//! (a ring of chunks), then one `p2p_bytes` ring per ordered pair.
+//! round counter, pid, the collective it is in), one control block per ordered pair of ranks
+//! (point-to-point rings), then the data: per rank two "halves" of `half_bytes` (double
+//! buffering), then one `p2p_bytes` ring per ordered pair.
 //!
-//! Collectives advance in steps, numbered across collectives. For step k a rank fills its own
-//! slot `k % slots` and publishes k in its round counter; once every peer has published k it
-//! reads the peers' slots `k % slots` and publishes k in its done counter. A rank fills slot
-//! `k % slots` again (step k + slots) only after every peer's done counter reached k. Big
-//! buffers are pipelined through the slots, so the shared region stays bounded (and mostly
-//! cache resident) whatever the size.
+//! Collectives advance in rounds. In round k a rank writes into its own half `k % 2`, publishes
+//! k in its round counter, waits until every peer has published k, then reads the peers'
+//! halves `k % 2`. A rank writes half `k % 2` again only in round k+2, after every peer has
+//! published k+1, which each does only after it finished reading round k: one all-to-all flag
+//! exchange per round is the only synchronisation. Big buffers are pipelined through the
+//! halves, so the shared region stays bounded (and mostly cache resident) whatever the size.
 //!
-//! Two counters instead of one let a rank run ahead: reduce_scatter and all_gather fill up
-//! to `slots` steps before reading any, so a rank that the scheduler keeps off the CPU for a
-//! while (the machine is shared with other work) finds its peers' chunks waiting instead of
-//! peers that waited for it. all_reduce and broadcast move one step at a time.
-//!
-//! reduce_scatter: each rank copies the pieces other ranks own into its slot, and each rank
+//! reduce_scatter: each rank copies the pieces other ranks own into its half, and each rank
 //! reduces only its own piece, reading its own contribution straight from its input.
 //! all_gather: each rank copies its piece in and everybody copies all pieces out.
-//! all_reduce: a reduce_scatter step then an all_gather step per chunk.
-//! Outputs of big collectives are written with streaming stores (see `stream`).
+//! all_reduce: a reduce_scatter round then an all_gather round per chunk.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -32,13 +26,12 @@ use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::elem::{reduce_into_stream, DType, Elem, ReduceOp};
+use crate::elem::{reduce_into, DType, Elem, ReduceOp};
 use crate::error::{CommError, ErrorKind, Result};
 use crate::futex;
-use crate::stream;
 
 const MAGIC: u64 = 0x4d4d_4f43_5350_5352; // "RSPSCOMM"
-const VERSION: u32 = 2;
+const VERSION: u32 = 1;
 const PAGE: usize = 4096;
 const ABORT_OFF: usize = 64;
 const ABORT_MSG_OFF: usize = 128;
@@ -47,16 +40,9 @@ const RANK_CTL_OFF: usize = PAGE;
 const RANK_CTL_BYTES: usize = 256;
 const PAIR_CTL_BYTES: usize = 128;
 
-/// Default bytes of one slot (a pipelined chunk); RUSTSPEED_SHM_CHUNK_BYTES overrides.
+/// Default bytes of one half (per rank, two halves each). 1 MiB keeps a round's data
+/// (2 ranks x 2 halves = 4 MiB) in the last-level cache; RUSTSPEED_SHM_CHUNK_BYTES overrides.
 pub const DEFAULT_HALF_BYTES: usize = 1 << 20;
-/// Default slots per rank (how many chunks a rank may run ahead of its slowest peer);
-/// RUSTSPEED_SHM_SLOTS overrides. Slots x chunk x world should stay within the L3.
-pub const DEFAULT_SLOTS: usize = 4;
-/// Default size (bytes of the full buffer) from which collectives write their output with
-/// streaming stores: about what the L3 of a server core complex holds (32 MiB on the
-/// benchmark machine), so smaller outputs stay cached for whoever reads them next.
-/// RUSTSPEED_SHM_STREAM_BYTES overrides.
-pub const DEFAULT_STREAM_MIN_BYTES: usize = 32 << 20;
 /// Bytes of one point-to-point ring (a power of two: positions are wrapping u32 counters).
 pub const DEFAULT_P2P_BYTES: usize = 1 << 18;
 
@@ -64,10 +50,7 @@ pub const DEFAULT_P2P_BYTES: usize = 1 << 18;
 #[derive(Debug, Clone, Copy)]
 pub struct Layout {
     pub world: usize,
-    /// Bytes of one slot.
     pub half_bytes: usize,
-    /// Slots per rank (at least 2).
-    pub slots: usize,
     pub p2p_bytes: usize,
 }
 
@@ -79,7 +62,7 @@ impl Layout {
         (self.pair_ctl_off() + self.world * self.world * PAIR_CTL_BYTES).next_multiple_of(PAGE)
     }
     fn ring_off(&self) -> usize {
-        self.data_off() + self.world * self.slots * self.half_bytes
+        self.data_off() + self.world * 2 * self.half_bytes
     }
     pub fn total_bytes(&self) -> usize {
         self.ring_off() + self.world * self.world * self.p2p_bytes
@@ -172,12 +155,8 @@ unsafe impl Sync for Region {}
 
 /// A rank's control block, in shared memory.
 struct RankCtl<'a> {
-    /// The last step whose slot this rank filled (or the last barrier it reached).
     round: &'a AtomicU32,
     sleepers: &'a AtomicU32,
-    /// The last step whose peers' slots this rank finished reading.
-    done: &'a AtomicU32,
-    done_sleepers: &'a AtomicU32,
     pid: &'a AtomicU32,
     closed: &'a AtomicU32,
 }
@@ -250,7 +229,6 @@ impl Region {
             (h.add(12) as *mut u32).write(layout.world as u32);
             (h.add(16) as *mut u64).write(layout.half_bytes as u64);
             (h.add(24) as *mut u64).write(layout.p2p_bytes as u64);
-            (h.add(32) as *mut u64).write(layout.slots as u64);
         }
         region.u64_at(0).store(MAGIC, SeqCst);
         region.register();
@@ -270,19 +248,17 @@ impl Region {
                     path.display()
                 ))
             })?;
-        let mut head = [0u8; 40];
+        let mut head = [0u8; 32];
         use std::io::Read;
         (&file).read_exact(&mut head).map_err(|e| {
             CommError::setup(format!("shm backend: cannot read {}: {e}", path.display()))
         })?;
         let magic = u64::from_le_bytes(head[0..8].try_into().unwrap());
         let file_world = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
-        let version = u32::from_le_bytes(head[8..12].try_into().unwrap());
-        if magic != MAGIC || file_world != world || version != VERSION {
+        if magic != MAGIC || file_world != world {
             return Err(CommError::setup(format!(
-                "shm backend: {} is not a version {VERSION} rustspeed region for world size {world} (magic {magic:#x}, \
-                 version {version}, world {file_world}); do all ranks use the same WORLD_SIZE and MASTER_PORT, and the \
-                 same rustspeed build?",
+                "shm backend: {} is not a rustspeed region for world size {world} (magic {magic:#x}, world {file_world}); \
+                 do all ranks use the same WORLD_SIZE and MASTER_PORT?",
                 path.display()
             )));
         }
@@ -290,7 +266,6 @@ impl Region {
             world,
             half_bytes: u64::from_le_bytes(head[16..24].try_into().unwrap()) as usize,
             p2p_bytes: u64::from_le_bytes(head[24..32].try_into().unwrap()) as usize,
-            slots: u64::from_le_bytes(head[32..40].try_into().unwrap()) as usize,
         };
         let region = Self::map(&file, path, rank, layout, timeout)?;
         region.register();
@@ -347,8 +322,6 @@ impl Region {
             sleepers: self.u32_at(o + 4),
             pid: self.u32_at(o + 8),
             closed: self.u32_at(o + 12),
-            done: self.u32_at(o + 16),
-            done_sleepers: self.u32_at(o + 20),
         }
     }
 
@@ -371,19 +344,13 @@ impl Region {
         }
     }
 
-    /// Byte pointer to `rank`'s slot `slot`.
-    fn slot(&self, rank: usize, slot: usize) -> *mut u8 {
-        debug_assert!(slot < self.layout.slots);
+    /// Byte pointer to `rank`'s half `half`.
+    fn slot(&self, rank: usize, half: usize) -> *mut u8 {
         // SAFETY: in bounds by construction of Layout.
         unsafe {
-            self.base.add(
-                self.layout.data_off() + (rank * self.layout.slots + slot) * self.layout.half_bytes,
-            )
+            self.base
+                .add(self.layout.data_off() + (rank * 2 + half) * self.layout.half_bytes)
         }
-    }
-
-    pub fn slots(&self) -> usize {
-        self.layout.slots
     }
 
     pub fn half_bytes(&self) -> usize {
@@ -415,7 +382,6 @@ impl Region {
     fn wake_everyone(&self) {
         for r in 0..self.world {
             futex::wake_all(self.ctl(r).round);
-            futex::wake_all(self.ctl(r).done);
             for d in 0..self.world {
                 let (w, rd, _, _) = self.pair(r, d);
                 futex::wake_all(w);
@@ -774,9 +740,6 @@ pub struct ShmGroup {
     /// Single-copy mode: peers read each other's buffers with process_vm_readv (see
     /// `shm_cma`), when every rank may read every other's memory.
     pub(crate) cma: bool,
-    /// Collectives whose full buffer has at least this many bytes write their output with
-    /// streaming stores (see `stream`); `usize::MAX` never does.
-    pub(crate) stream_min_bytes: usize,
 }
 
 impl ShmGroup {
@@ -787,19 +750,7 @@ impl ShmGroup {
             seq: 0,
             scratch: Vec::new(),
             cma,
-            stream_min_bytes: DEFAULT_STREAM_MIN_BYTES,
         }
-    }
-
-    /// Sets the size from which outputs are written with streaming stores.
-    pub fn with_stream_min_bytes(mut self, bytes: usize) -> ShmGroup {
-        self.stream_min_bytes = bytes;
-        self
-    }
-
-    /// Whether a collective over `count` elements of T streams its output.
-    fn streams<T>(&self, count: usize) -> bool {
-        count.saturating_mul(size_of::<T>()) >= self.stream_min_bytes
     }
 
     pub fn reduce_scatter<T: Elem>(
@@ -857,16 +808,18 @@ impl ShmGroup {
         })
     }
 
-    /// Publishes the next step (a barrier round), waits for every peer to publish it too, and
-    /// marks it read: for collectives that exchange nothing through the slots.
-    pub(crate) fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
-        self.publish();
-        self.wait_peers(ctx)?;
-        self.set_done(self.round);
-        Ok(())
+    /// The half the next round writes into.
+    fn next_half(&self) -> usize {
+        (self.round.wrapping_add(1) % 2) as usize
     }
 
-    /// Publishes the next step: my slot for it is filled.
+    /// Publishes the next round and waits for every peer to publish it too.
+    pub(crate) fn sync(&mut self, ctx: &OpCtx) -> Result<()> {
+        self.publish();
+        self.wait_peers(ctx)
+    }
+
+    /// Publishes the next round: my half for it is written.
     pub(crate) fn publish(&mut self) {
         let reg = &*self.region;
         self.round = self.round.wrapping_add(1);
@@ -877,111 +830,27 @@ impl ShmGroup {
         }
     }
 
-    /// Marks `step` (and every step before it) read: peers may fill its slot again.
-    fn set_done(&self, step: u32) {
-        let me = self.region.ctl(self.region.rank);
-        me.done.store(step, SeqCst);
-        if me.done_sleepers.load(SeqCst) > 0 {
-            futex::wake_all(me.done);
-        }
-    }
-
-    /// Whether every peer's round counter (or done counter) has reached `target`.
-    fn peers_reached(&self, done: bool, target: u32) -> bool {
-        let reg = &*self.region;
-        (0..reg.world).filter(|&p| p != reg.rank).all(|p| {
-            let c = reg.ctl(p);
-            let w = if done { c.done } else { c.round };
-            w.load(Acquire).wrapping_sub(target) as i32 >= 0
-        })
-    }
-
-    /// Waits until every peer has published the step I published last.
+    /// Waits until every peer has published the round I published last.
     pub(crate) fn wait_peers(&self, ctx: &OpCtx) -> Result<()> {
-        self.wait_reached(ctx, false, self.round)
-    }
-
-    /// Waits until every peer's round (or done) counter has reached `target`; the watchdog
-    /// and dead-peer checks apply.
-    fn wait_reached(&self, ctx: &OpCtx, done: bool, target: u32) -> Result<()> {
         let reg = &*self.region;
+        let target = self.round;
         let arrived = |v: u32| v.wrapping_sub(target) as i32 >= 0;
-        let word = |q: usize| {
-            let c = reg.ctl(q);
-            if done {
-                (c.done, c.done_sleepers)
-            } else {
-                (c.round, c.sleepers)
-            }
-        };
         let deadline = ctx.start + reg.timeout;
         for p in (0..reg.world).filter(|&p| p != reg.rank) {
-            let (w, sleepers) = word(p);
+            let c = reg.ctl(p);
             let missing = || {
                 (0..reg.world)
-                    .filter(|&q| q != reg.rank && !arrived(word(q).0.load(SeqCst)))
+                    .filter(|&q| q != reg.rank && !arrived(reg.ctl(q).round.load(SeqCst)))
                     .collect()
             };
-            reg.wait_word(w, sleepers, arrived, deadline, &|| ctx.describe(), &missing)?;
-        }
-        Ok(())
-    }
-
-    /// Waits until my slot for the next step is free (every peer read what it held `slots`
-    /// steps ago) and returns its index.
-    fn acquire(&self, ctx: &OpCtx) -> Result<usize> {
-        let k = self.region.slots() as u32;
-        let step = self.round.wrapping_add(1);
-        self.wait_reached(ctx, true, step.wrapping_sub(k))?;
-        Ok((step % k) as usize)
-    }
-
-    /// Runs `steps` (at least 1) steps of a collective, filling my slots up to `slots` steps
-    /// ahead of reading the peers' ones: `fill(i, slot)` fills my slot for step i, `own(i)`
-    /// runs right after it is published (work that needs no peer), `read(i, slot)` reads the
-    /// peers' slots for step i. Blocks only when it can do neither: then every peer that holds
-    /// it up is behind, so no two ranks ever wait for each other.
-    fn pipelined(
-        &mut self,
-        ctx: &OpCtx,
-        steps: usize,
-        mut fill: impl FnMut(usize, usize),
-        mut own: impl FnMut(usize),
-        mut read: impl FnMut(usize, usize),
-    ) -> Result<()> {
-        let k = self.region.slots() as u32;
-        let base = self.round;
-        let step_of = |i: usize| base.wrapping_add(i as u32 + 1);
-        let (mut filled, mut done) = (0usize, 0usize);
-        while done < steps {
-            let mut progressed = false;
-            while filled < steps && self.peers_reached(true, step_of(filled).wrapping_sub(k)) {
-                fill(filled, (step_of(filled) % k) as usize);
-                self.publish();
-                own(filled);
-                filled += 1;
-                progressed = true;
-                // Peers' chunks that are ready are read first: they are still in the cache.
-                if self.peers_reached(false, step_of(done)) {
-                    break;
-                }
-            }
-            while done < filled && self.peers_reached(false, step_of(done)) {
-                if done == 0 {
-                    self.check_match(ctx)?;
-                }
-                read(done, (step_of(done) % k) as usize);
-                self.set_done(step_of(done));
-                done += 1;
-                progressed = true;
-            }
-            if !progressed {
-                if done < filled {
-                    self.wait_reached(ctx, false, step_of(done))?;
-                } else {
-                    self.wait_reached(ctx, true, step_of(filled).wrapping_sub(k))?;
-                }
-            }
+            reg.wait_word(
+                c.round,
+                c.sleepers,
+                arrived,
+                deadline,
+                &|| ctx.describe(),
+                &missing,
+            )?;
         }
         Ok(())
     }
@@ -1039,31 +908,29 @@ impl ShmGroup {
             input.len(),
             output.len(),
         );
-        // Per step each peer gets q elements of my slot.
         let q = (self.region.half_bytes() / (ws * size_of::<T>())).max(1);
-        let stream = self.streams::<T>(n);
-        let span = |i: usize| (i * q, q.min(c - i * q));
-        let reg = self.region.clone();
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let fill = |i: usize, slot: usize| {
-            // The pieces the other ranks own, zero past the end of input.
-            let (off, len) = span(i);
-            let mine = reg.slot(me, slot) as *mut T;
+        let mut off = 0;
+        let mut first = true;
+        while first || off < c {
+            let len = q.min(c - off);
+            let half = self.next_half();
+            // Copy the pieces the other ranks own into my half (zero past the end of input).
+            let mine = self.region.slot(me, half) as *mut T;
             for d in (0..ws).filter(|&d| d != me) {
-                // SAFETY: piece d of my slot has q >= len elements; only I write my slots,
-                // and peers are done with this one (`pipelined`).
+                // SAFETY: piece d of my half has q >= len elements; only I write my half.
                 let dst = unsafe { std::slice::from_raw_parts_mut(mine.add(d * q), len) };
                 copy_padded(input, d * c + off, dst);
             }
-        };
-        let read = |i: usize, slot: usize| {
-            let (off, len) = span(i);
+            self.sync(&ctx)?;
+            if first {
+                self.check_match(&ctx)?;
+                first = false;
+            }
             let local_lo = me * c + off;
-            let tmp;
             let local: &[T] = if local_lo + len <= n {
                 &input[local_lo..local_lo + len]
             } else {
-                tmp = scratch_as::<T>(&mut scratch, len);
+                let tmp = scratch_as::<T>(&mut self.scratch, len);
                 copy_padded(input, local_lo, tmp);
                 tmp
             };
@@ -1072,22 +939,20 @@ impl ShmGroup {
                     if p == me {
                         local
                     } else {
-                        // SAFETY: p published this step; it refills the slot only after I
-                        // mark the step done.
+                        // SAFETY: p published this round; its half stays untouched until the next.
                         unsafe {
                             std::slice::from_raw_parts(
-                                (reg.slot(p, slot) as *const T).add(me * q),
+                                (self.region.slot(p, half) as *const T).add(me * q),
                                 len,
                             )
                         }
                     }
                 })
                 .collect();
-            reduce_into_stream(&srcs, &mut output[off..off + len], op, ws, stream);
-        };
-        let r = self.pipelined(&ctx, c.div_ceil(q).max(1), fill, |_| {}, read);
-        self.scratch = scratch;
-        r
+            reduce_into(&srcs, &mut output[off..off + len], op, ws);
+            off += len;
+        }
+        Ok(())
     }
 
     /// `output` (len n) = concatenation of every rank's `input` (len c = ceil(n/world)),
@@ -1106,44 +971,38 @@ impl ShmGroup {
             input.len(),
         );
         let q = (self.region.half_bytes() / size_of::<T>()).max(1);
-        let stream = self.streams::<T>(n);
-        let span = |i: usize| (i * q, q.min(c - i * q));
-        // Rank p's elements [off, off + len) of its piece, clipped to the output.
-        let dest =
-            |p: usize, off: usize, len: usize| ((p * c + off).min(n), (p * c + off + len).min(n));
-        let reg = self.region.clone();
-        // `own` and `read` write disjoint parts of the output (my piece, the peers' pieces)
-        // and never run at the same time.
-        let out = output.as_mut_ptr();
-        let fill = |i: usize, slot: usize| {
-            let (off, len) = span(i);
-            // SAFETY: my slot holds q >= len elements.
+        let mut off = 0;
+        let mut first = true;
+        while first || off < c {
+            let len = q.min(c - off);
+            let half = self.next_half();
+            // SAFETY: my half holds q >= len elements.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     input[off..].as_ptr(),
-                    reg.slot(me, slot) as *mut T,
+                    self.region.slot(me, half) as *mut T,
                     len,
                 )
             };
-        };
-        // My own piece needs no peer: copy it while they catch up.
-        let own = |i: usize| {
-            let (off, len) = span(i);
-            let (lo, hi) = dest(me, off, len);
-            // SAFETY: [lo, hi) is inside the output.
-            unsafe { stream::copy_raw(out.add(lo), input[off..].as_ptr(), hi - lo, stream) };
-        };
-        let read = |i: usize, slot: usize| {
-            let (off, len) = span(i);
-            for p in (0..ws).filter(|&p| p != me) {
-                let (lo, hi) = dest(p, off, len);
-                let src = reg.slot(p, slot) as *const T;
-                // SAFETY: hi - lo <= len elements are readable at src (p published this
-                // step); [lo, hi) is inside the output.
-                unsafe { stream::copy_raw(out.add(lo), src, hi - lo, stream) };
+            self.publish();
+            // My own piece needs no peer: copy it while they catch up.
+            let (lo, hi) = ((me * c + off).min(n), (me * c + off + len).min(n));
+            output[lo..hi].copy_from_slice(&input[off..off + (hi - lo)]);
+            self.wait_peers(&ctx)?;
+            if first {
+                self.check_match(&ctx)?;
+                first = false;
             }
-        };
-        self.pipelined(&ctx, c.div_ceil(q).max(1), fill, own, read)
+            for p in (0..ws).filter(|&p| p != me) {
+                let lo = (p * c + off).min(n);
+                let hi = (p * c + off + len).min(n);
+                let src = self.region.slot(p, half) as *const T;
+                // SAFETY: hi - lo <= len elements are readable at src.
+                unsafe { std::ptr::copy_nonoverlapping(src, output[lo..hi].as_mut_ptr(), hi - lo) };
+            }
+            off += len;
+        }
+        Ok(())
     }
 
     /// In place: `buf` = op over ranks of `buf`.
@@ -1155,85 +1014,79 @@ impl ShmGroup {
             buf.len(),
         )?;
         let (ws, me, n) = (self.region.world, self.region.rank, buf.len());
-        // Per step each rank owns a piece of q elements of a chunk of q * ws.
+        // Per round each rank owns a piece of q elements of a chunk of q * ws.
         let q = (self.region.half_bytes() / (ws * size_of::<T>())).max(1);
-        let stream = self.streams::<T>(n);
         let mut base = 0;
         let mut first = true;
         while first || base < n {
             let chunk = (q * ws).min(n - base);
             let pc = chunk.div_ceil(ws);
             let piece = |p: usize| (base + (p * pc).min(chunk), base + ((p + 1) * pc).min(chunk));
-            // Step 1: hand out the pieces others own; reduce mine into my next slot.
-            let slot = self.acquire(&ctx)?;
-            let mine = self.region.slot(me, slot) as *mut T;
+            // Round 1: hand out the pieces others own; reduce mine into my next half.
+            let half = self.next_half();
+            let mine = self.region.slot(me, half) as *mut T;
             for d in (0..ws).filter(|&d| d != me) {
                 let (lo, hi) = piece(d);
-                // SAFETY: piece d of my slot has q >= hi - lo elements.
+                // SAFETY: piece d of my half has q >= hi - lo elements.
                 unsafe {
                     std::ptr::copy_nonoverlapping(buf[lo..].as_ptr(), mine.add(d * q), hi - lo)
                 };
             }
-            self.publish();
-            self.wait_peers(&ctx)?;
+            self.sync(&ctx)?;
             if first {
                 self.check_match(&ctx)?;
                 first = false;
             }
             let (lo, hi) = piece(me);
-            // Never waits: peers published step 1, so they finished reading the step before.
-            let out_slot = self.acquire(&ctx)?;
+            let out_half = self.next_half();
             {
                 let srcs: Vec<&[T]> = (0..ws)
                     .map(|p| {
                         if p == me {
                             &buf[lo..hi]
                         } else {
-                            // SAFETY: p published this step.
+                            // SAFETY: p published this round.
                             unsafe {
                                 std::slice::from_raw_parts(
-                                    (self.region.slot(p, slot) as *const T).add(me * q),
+                                    (self.region.slot(p, half) as *const T).add(me * q),
                                     hi - lo,
                                 )
                             }
                         }
                     })
                     .collect();
-                // SAFETY: acquired above; q >= hi - lo elements.
+                // SAFETY: my other half is free (peers finished reading it before this round).
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(
-                        self.region.slot(me, out_slot) as *mut T,
+                        self.region.slot(me, out_half) as *mut T,
                         hi - lo,
                     )
                 };
-                reduce_into_stream(&srcs, out, op, ws, false);
+                reduce_into(&srcs, out, op, ws);
             }
-            self.set_done(self.round);
-            // Step 2: everybody copies every reduced piece out, mine while the others finish.
+            // Round 2: everybody copies every reduced piece out, mine while the others finish.
             self.publish();
-            // SAFETY: my slot out_slot holds my reduced piece.
+            let (mlo, mhi) = piece(me);
+            // SAFETY: my half out_half holds my reduced piece.
             unsafe {
-                stream::copy_raw(
-                    buf[lo..].as_mut_ptr(),
-                    self.region.slot(me, out_slot) as *const T,
-                    hi - lo,
-                    stream,
+                std::ptr::copy_nonoverlapping(
+                    self.region.slot(me, out_half) as *const T,
+                    buf[mlo..].as_mut_ptr(),
+                    mhi - mlo,
                 )
             };
             self.wait_peers(&ctx)?;
             for p in (0..ws).filter(|&p| p != me) {
                 let (lo, hi) = piece(p);
-                // SAFETY: p's slot out_slot holds its reduced piece (hi - lo elements).
+                // SAFETY: p's half out_half holds its reduced piece (hi - lo elements).
                 unsafe {
-                    stream::copy_raw(
+                    std::ptr::copy_nonoverlapping(
+                        self.region.slot(p, out_half) as *const T,
                         buf[lo..].as_mut_ptr(),
-                        self.region.slot(p, out_slot) as *const T,
                         hi - lo,
-                        stream,
                     )
                 };
             }
-            self.set_done(self.round);
             base += chunk;
         }
         Ok(())
@@ -1249,40 +1102,36 @@ impl ShmGroup {
         )?;
         let me = self.region.rank;
         let q = (self.region.half_bytes() / size_of::<T>()).max(1);
-        let stream = self.streams::<T>(buf.len());
         let mut off = 0;
         let mut first = true;
         while first || off < buf.len() {
             let len = q.min(buf.len() - off);
-            let slot = self.acquire(&ctx)?;
+            let half = self.next_half();
             if me == root {
-                // SAFETY: my slot holds q >= len elements.
+                // SAFETY: my half holds q >= len elements.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         buf[off..].as_ptr(),
-                        self.region.slot(me, slot) as *mut T,
+                        self.region.slot(me, half) as *mut T,
                         len,
                     )
                 };
             }
-            self.publish();
-            self.wait_peers(&ctx)?;
+            self.sync(&ctx)?;
             if first {
                 self.check_match(&ctx)?;
                 first = false;
             }
             if me != root {
-                // SAFETY: root published this step.
+                // SAFETY: root published this round.
                 unsafe {
-                    stream::copy_raw(
+                    std::ptr::copy_nonoverlapping(
+                        self.region.slot(root, half) as *const T,
                         buf[off..].as_mut_ptr(),
-                        self.region.slot(root, slot) as *const T,
                         len,
-                        stream,
                     )
                 };
             }
-            self.set_done(self.round);
             off += len;
         }
         Ok(())
