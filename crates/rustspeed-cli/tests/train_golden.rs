@@ -476,4 +476,37 @@ fn lora_and_qlora_runs_write_peft_adapters() {
     // A quantized base without adapters is refused before any work.
     let refused = short_run(&data, &ds, &dir.join("bad"), &["--quantize", "nf4"]);
     assert_eq!(refused.status.code(), Some(2));
+    // Flags that only qualify --quantize are refused without it, not ignored.
+    for flags in [&["--double-quant"][..], &["--compute-dtype", "bf16"]] {
+        let mut args = lora[..6].to_vec();
+        args.extend(flags);
+        let out = short_run(&data, &ds, &dir.join("bad2"), &args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs --quantize"));
+    }
+
+    // bnb_4bit_compute_dtype bf16 under the f32 model: the quantized layers compute in bf16,
+    // so the first loss moves by bf16 rounding only.
+    let qb = dir.join("qlora-bf16");
+    let mut args = lora[..6].to_vec();
+    args.extend([
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--compute-dtype",
+        "bf16",
+    ]);
+    args.extend(["--warmup-steps", "1"]);
+    assert_ok(&short_run(&data, &ds, &qb, &args));
+    let (f32_loss, bf16_loss) = (
+        m[0]["loss"].as_f64().unwrap(),
+        metrics(&qb)[0]["loss"].as_f64().unwrap(),
+    );
+    assert_ne!(f32_loss, bf16_loss, "the compute dtype was applied");
+    close(bf16_loss, f32_loss, 1e-2, "bf16-compute loss");
+    let mut args = lora[..6].to_vec();
+    args.extend(["--quantize", "nf4", "--compute-dtype", "f64"]);
+    let bad = short_run(&data, &ds, &dir.join("bad3"), &args);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected f32, bf16 or f16"));
 }

@@ -176,6 +176,7 @@ fn quantize_and_dequantize_equal_bitsandbytes() {
                 format,
                 block_size: u(case, "block_size"),
                 double_quant: case["double_quant"].as_bool().unwrap(),
+                compute_dtype: None,
             },
         };
         let q = match input(case) {

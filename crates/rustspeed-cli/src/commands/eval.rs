@@ -62,6 +62,10 @@ pub struct Args {
     /// Quantize nf4/fp4 block absmax values too (bitsandbytes' double quantization).
     #[arg(long)]
     pub double_quant: bool,
+    /// The quantized layers' compute dtype (bnb_4bit_compute_dtype): f32, bf16 or f16;
+    /// default --dtype.
+    #[arg(long)]
+    pub compute_dtype: Option<String>,
 }
 
 /// One line of the data file.
@@ -105,9 +109,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
         .into());
     }
-    if args.double_quant && args.quantize.is_none() {
-        return Err(UsageError("--double-quant needs --quantize nf4|fp4".into()).into());
-    }
+    super::quantize::check_quant_flags(
+        args.quantize.as_deref(),
+        args.double_quant,
+        args.compute_dtype.as_deref(),
+    )?;
     let tuning = tuning_from_args(&args)?;
     let records = read_records(&args.data)?;
     let result = match args.dtype {
@@ -160,7 +166,8 @@ fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
     let lora = LoraConfig::from_path(dir).map_err(usage)?;
     let mut tuning = Tuning::lora(lora, &cfg).map_err(usage)?;
     if let Some(q) = &args.quantize {
-        let qc = super::quantize::quant_config(q, args.double_quant)?;
+        let qc =
+            super::quantize::quant_config(q, args.double_quant, args.compute_dtype.as_deref())?;
         tuning = tuning.with_quantization(qc).map_err(usage)?;
     }
     Ok(Some(tuning))

@@ -14,12 +14,12 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::QuantMatrix;
 use crate::bf16_gemm;
-use crate::dtype::Float;
+use crate::dtype::{DType, Float};
 use crate::matmul::{as_bf16, as_f32, convert_into, matmul};
 
 /// Upper bound on one dequantized tile, in elements (4 MiB in bf16). Big enough that TinyLlama's
@@ -97,6 +97,14 @@ pub fn quant_linear_forward<T: Float>(
     if rows == 0 || fo == 0 {
         return;
     }
+    if let Some(c) = w.config().compute_dtype.filter(|&c| c != T::DTYPE) {
+        match c {
+            DType::F32 => forward_via::<f32, T>(y, x, w, bias, rows, accumulate),
+            DType::BF16 => forward_via::<bf16, T>(y, x, w, bias, rows, accumulate),
+            DType::F16 => forward_via::<f16, T>(y, x, w, bias, rows, accumulate),
+        }
+        return;
+    }
     match lhs(x) {
         Lhs::Bf16(x) => forward_tiles::<bf16, T>(y, x, w, bias, rows, accumulate),
         Lhs::F32(x) => forward_tiles::<f32, T>(y, &x, w, bias, rows, accumulate),
@@ -162,10 +170,76 @@ pub fn quant_linear_backward_input<T: Float>(
         }
         return;
     }
+    if let Some(c) = w.config().compute_dtype.filter(|&c| c != T::DTYPE) {
+        match c {
+            DType::F32 => backward_via::<f32, T>(dx, dy, w, rows, accumulate),
+            DType::BF16 => backward_via::<bf16, T>(dx, dy, w, rows, accumulate),
+            DType::F16 => backward_via::<f16, T>(dx, dy, w, rows, accumulate),
+        }
+        return;
+    }
     match lhs(dy) {
         Lhs::Bf16(dy) => backward_tiles::<bf16, T>(dx, dy, w, rows, accumulate),
         Lhs::F32(dy) => backward_tiles::<f32, T>(dx, &dy, w, rows, accumulate),
     }
+}
+
+/// `v` cast element by element to `C`.
+fn cast<S: Float, C: Float>(v: &[S]) -> Vec<C> {
+    let mut out = vec![C::default(); v.len()];
+    convert_into(&mut out, v);
+    out
+}
+
+/// `dst (+)= src` cast back from the compute dtype, summed in f32 and rounded once.
+fn cast_back<C: Float, T: Float>(dst: &mut [T], src: &[C], accumulate: bool) {
+    dst.par_chunks_mut(DEQUANT_TASK_ELEMS)
+        .zip(src.par_chunks(DEQUANT_TASK_ELEMS))
+        .for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                let v = s.to_f32();
+                *d = T::from_f32(if accumulate { d.to_f32() + v } else { v });
+            }
+        });
+}
+
+/// The forward with a compute dtype `C` other than the activations' `T` (bitsandbytes'
+/// `Linear4bit.forward`: input and bias cast to `C`, the product rounded to `C`, then cast back).
+/// For `C` = f16 the tiles are dequantized in f32 (no f16 kernel): only inputs and the output
+/// are rounded to f16.
+fn forward_via<C: Float, T: Float>(
+    y: &mut [T],
+    x: &[T],
+    w: &QuantMatrix,
+    bias: Option<&[T]>,
+    rows: usize,
+    accumulate: bool,
+) {
+    let xc: Vec<C> = cast(x);
+    let bc: Option<Vec<C>> = bias.map(cast);
+    let mut yc = vec![C::default(); y.len()];
+    match lhs(&xc) {
+        Lhs::Bf16(x) => forward_tiles::<bf16, C>(&mut yc, x, w, bc.as_deref(), rows, false),
+        Lhs::F32(x) => forward_tiles::<f32, C>(&mut yc, &x, w, bc.as_deref(), rows, false),
+    }
+    cast_back(y, &yc, accumulate);
+}
+
+/// The input gradient in compute dtype `C` (see [`forward_via`]).
+fn backward_via<C: Float, T: Float>(
+    dx: &mut [T],
+    dy: &[T],
+    w: &QuantMatrix,
+    rows: usize,
+    accumulate: bool,
+) {
+    let dyc: Vec<C> = cast(dy);
+    let mut dxc = vec![C::default(); dx.len()];
+    match lhs(&dyc) {
+        Lhs::Bf16(dy) => backward_tiles::<bf16, C>(&mut dxc, dy, w, rows, false),
+        Lhs::F32(dy) => backward_tiles::<f32, C>(&mut dxc, &dy, w, rows, false),
+    }
+    cast_back(dx, &dxc, accumulate);
 }
 
 fn backward_tiles<C: Float, T: Float>(
@@ -404,6 +478,65 @@ mod tests {
             quant_linear_backward_input(&mut dx, &g, &q, rows, false);
             assert_grad_close(&format!("{cfg:?}"), &dx, &numeric, 1e-3);
         }
+    }
+
+    /// bitsandbytes' compute_dtype bf16 under f32 activations: the input and bias rounded to
+    /// bf16, the weight dequantized to bf16, the product summed in f32 and rounded to bf16, then
+    /// returned as f32 (and added when accumulating); the input gradient likewise.
+    #[test]
+    fn compute_dtype_casts_in_and_out_like_linear4bit() {
+        let mut rng = Rng::new(23);
+        let (rows, fi, fo) = (5, 70, 33);
+        let r16 = |v: f32| bf16::from_f32(v).to_f32();
+        let wf = rng.vec(fo * fi, 0.1);
+        let x = rng.vec(rows * fi, 1.0);
+        let bias = rng.vec(fo, 0.5);
+        let cfg = QuantConfig::nf4(true).with_compute_dtype(Some(DType::BF16));
+        let q = QuantMatrix::quantize(&wf, fo, fi, &cfg);
+        let mut wd = vec![bf16::default(); fo * fi];
+        q.dequantize_into(&mut wd);
+        let mut want = vec![0f64; rows * fo];
+        for r in 0..rows {
+            for o in 0..fo {
+                let dot: f64 = (0..fi)
+                    .map(|i| r16(x[r * fi + i]) as f64 * wd[o * fi + i].to_f32() as f64)
+                    .sum();
+                want[r * fo + o] = r16((dot + r16(bias[o]) as f64) as f32) as f64;
+            }
+        }
+        let mut y = vec![f32::NAN; rows * fo];
+        quant_linear_forward(&mut y, &x, &q, Some(&bias), rows, false);
+        assert_close("bf16 compute forward", &y, &want, 8e-3);
+        // Computing in f32 instead gives different values: the cast really happened.
+        let plain = QuantMatrix::quantize(&wf, fo, fi, &QuantConfig::nf4(true));
+        let mut y32 = vec![0f32; rows * fo];
+        quant_linear_forward(&mut y32, &x, &plain, Some(&bias), rows, false);
+        assert!(y.iter().zip(&y32).any(|(a, b)| a != b));
+        assert!(y.iter().all(|v| *v == r16(*v)), "outputs are bf16 values");
+        // Accumulate adds the bf16-rounded product to the f32 destination.
+        let mut acc = vec![1.5f32; rows * fo];
+        quant_linear_forward(&mut acc, &x, &q, Some(&bias), rows, true);
+        for (a, v) in acc.iter().zip(&y) {
+            assert_eq!(*a, 1.5 + v);
+        }
+        // Input gradient: dy rounded to bf16, dx = dy W in bf16.
+        let dy = rng.vec(rows * fo, 1.0);
+        let mut want_dx = vec![0f64; rows * fi];
+        for r in 0..rows {
+            for i in 0..fi {
+                let dot: f64 = (0..fo)
+                    .map(|o| r16(dy[r * fo + o]) as f64 * wd[o * fi + i].to_f32() as f64)
+                    .sum();
+                want_dx[r * fi + i] = r16(dot as f32) as f64;
+            }
+        }
+        let mut dx = vec![f32::NAN; rows * fi];
+        quant_linear_backward_input(&mut dx, &dy, &q, rows, false);
+        assert_close("bf16 compute backward", &dx, &want_dx, 8e-3);
+        assert!(
+            dx.iter().all(|v| *v == r16(*v)),
+            "input gradients are bf16 values"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::dtype::Float;
+use crate::dtype::{DType, Float};
 pub use matmul::{quant_linear_backward_input, quant_linear_forward};
 pub use scales::{BlockScales, DoubleQuantScales, DOUBLE_QUANT_BLOCK};
 
@@ -106,6 +106,10 @@ pub struct QuantConfig {
     /// 4-bit only (`bnb_4bit_use_double_quant`): quantize the absmax values to 8 bits in
     /// blocks of 256.
     pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype`: the dtype the linear layer computes in. `None` (the default)
+    /// is the activations' dtype; another one casts the input (and bias) to it, multiplies in
+    /// it and casts the output back, as bitsandbytes' `Linear4bit.forward` does.
+    pub compute_dtype: Option<DType>,
 }
 
 /// The block sizes bitsandbytes' `quantize_4bit` accepts.
@@ -118,6 +122,7 @@ impl QuantConfig {
             format: QuantFormat::Nf4,
             block_size: 64,
             double_quant,
+            compute_dtype: None,
         }
     }
 
@@ -126,6 +131,7 @@ impl QuantConfig {
             format: QuantFormat::Fp4,
             block_size: 64,
             double_quant,
+            compute_dtype: None,
         }
     }
 
@@ -134,6 +140,15 @@ impl QuantConfig {
             format: QuantFormat::Int8,
             block_size: 0,
             double_quant: false,
+            compute_dtype: None,
+        }
+    }
+
+    /// The same settings computing in `dtype` (see [`QuantConfig::compute_dtype`]).
+    pub fn with_compute_dtype(self, dtype: Option<DType>) -> Self {
+        QuantConfig {
+            compute_dtype: dtype,
+            ..self
         }
     }
 
@@ -286,6 +301,7 @@ impl QuantMatrix {
             format,
             block_size,
             double_quant: matches!(scales, BlockScales::Double(_)),
+            compute_dtype: None,
         };
         if !format.is_4bit() {
             return Err(QuantError::Parts(format!(

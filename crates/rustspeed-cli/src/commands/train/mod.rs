@@ -149,6 +149,10 @@ pub struct Args {
     /// Quantize the 4-bit absmax values too (bitsandbytes' double quantization).
     #[arg(long)]
     pub double_quant: bool,
+    /// The quantized layers' compute dtype (bnb_4bit_compute_dtype): f32, bf16 or f16.
+    /// Default: the model's dtype (the config's bf16/fp16 section, else f32).
+    #[arg(long)]
+    pub compute_dtype: Option<String>,
     /// Also write OUTPUT_DIR/merged: the base with the adapter merged in.
     #[arg(long)]
     pub merge: bool,

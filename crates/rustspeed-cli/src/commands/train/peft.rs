@@ -16,11 +16,16 @@ use rustspeed_models::tokenizer::Tokenizer;
 use rustspeed_models::{Model, Tuning};
 
 use super::Args;
-use crate::commands::quantize::quant_config;
+use crate::commands::quantize::{check_quant_flags, quant_config};
 use crate::exit::UsageError;
 
 /// The tuning the flags ask for; `None` for full fine-tuning.
 pub fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
+    check_quant_flags(
+        args.quantize.as_deref(),
+        args.double_quant,
+        args.compute_dtype.as_deref(),
+    )?;
     let flags_given = args.lora_r.is_some()
         || args.lora_alpha.is_some()
         || args.lora_dropout.is_some()
@@ -107,7 +112,11 @@ pub fn tuning_from_args(args: &Args) -> anyhow::Result<Option<Tuning>> {
     let mut tuning = Tuning::lora(lora, &cfg).map_err(usage)?;
     if let Some(q) = &args.quantize {
         tuning = tuning
-            .with_quantization(quant_config(q, args.double_quant)?)
+            .with_quantization(quant_config(
+                q,
+                args.double_quant,
+                args.compute_dtype.as_deref(),
+            )?)
             .map_err(usage)?;
     }
     Ok(Some(tuning))
