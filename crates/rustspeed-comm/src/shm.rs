@@ -525,7 +525,18 @@ impl Region {
                 let miss = missing();
                 for &r in &miss {
                     if let Some(cause) = self.gone(r) {
-                        return Err(self.fail_wait(&what(), &miss, Some(cause)));
+                        // `missing()` looked before `gone()` did: in between, `r` may have
+                        // arrived, finished the collective and closed its communicator (the
+                        // normal end of the last collective). Its last publish precedes its
+                        // close, so now that the close is seen, a fresh look sees the publish:
+                        // only a rank that is gone and still missing will never arrive.
+                        if ready(word.load(SeqCst)) {
+                            return Ok(());
+                        }
+                        let still = missing();
+                        if still.contains(&r) {
+                            return Err(self.fail_wait(&what(), &still, Some(cause)));
+                        }
                     }
                 }
                 if now >= deadline {
@@ -1158,4 +1169,95 @@ fn scratch_as<T: Elem>(scratch: &mut Vec<u8>, len: usize) -> &mut [T] {
     let off = scratch.as_ptr().align_offset(align);
     // SAFETY: aligned, in bounds, and every bit pattern is a valid T.
     unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr().add(off) as *mut T, len) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::sync::Arc;
+
+    /// Rank 0 and rank 1 of a world of two, mapped in this process, as collective groups.
+    fn pair(name: &str) -> (ShmGroup, ShmGroup) {
+        let path = shm_dir().join(format!(
+            "rustspeed-comm-test-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let layout = Layout {
+            world: 2,
+            half_bytes: 4096,
+            p2p_bytes: 4096,
+        };
+        let timeout = Duration::from_secs(20);
+        let r0 = Region::create(&path, layout, timeout).unwrap();
+        let r1 = Region::open(&path, 1, 2, timeout).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        (
+            ShmGroup::new(Arc::new(r0), false),
+            ShmGroup::new(Arc::new(r1), false),
+        )
+    }
+
+    /// Rank 0 waits for rank 1 in a barrier; the first time rank 0's watchdog lists the missing
+    /// ranks, rank 1 is made to act right after the list is taken (`peer_acts`), as a peer
+    /// running on another core or scheduled in between would.
+    fn wait_with_interleaving(peer_acts: impl Fn(ShmGroup)) -> Result<()> {
+        let (mut g0, g1) = pair("interleave");
+        let ctx = g0
+            .begin("barrier".into(), opcode::BARRIER, DType::F32, 0)
+            .unwrap();
+        g0.publish();
+        let reg = g0.region.clone();
+        let target = g0.round;
+        let arrived = |v: u32| v.wrapping_sub(target) as i32 >= 0;
+        let peer = RefCell::new(Some(g1));
+        let looked = Cell::new(false);
+        let missing = || {
+            let miss: Vec<usize> = (!arrived(reg.ctl(1).round.load(SeqCst)))
+                .then_some(1)
+                .into_iter()
+                .collect();
+            if !looked.replace(true) {
+                assert_eq!(miss, [1], "rank 1 has not published yet");
+                peer_acts(peer.borrow_mut().take().unwrap());
+            }
+            miss
+        };
+        let c = reg.ctl(1);
+        reg.wait_word(
+            c.round,
+            c.sleepers,
+            arrived,
+            ctx.start + reg.timeout,
+            &|| ctx.describe(),
+            &missing,
+        )
+    }
+
+    /// The race seen in the ZeRO tests under load: the peer arrives, finishes the collective
+    /// and drops its communicator between the watchdog's "who is missing" and "is it gone"
+    /// looks. It arrived, so this is a success, not "rank 1 closed its communicator".
+    #[test]
+    fn peer_that_arrives_then_closes_between_the_watchdog_looks_has_arrived() {
+        let r = wait_with_interleaving(|mut g1| {
+            let ctx = g1
+                .begin("barrier".into(), opcode::BARRIER, DType::F32, 0)
+                .unwrap();
+            g1.sync(&ctx).unwrap(); // rank 0 published already: returns at once
+            drop(g1); // the last Arc of rank 1's region: marks it closed
+        });
+        r.unwrap();
+    }
+
+    /// The watchdog still fails at once for a peer that closes without arriving.
+    #[test]
+    fn peer_that_closes_without_arriving_is_reported() {
+        let e = wait_with_interleaving(drop).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PeerDied, "{e}");
+        assert!(e.message.contains("rank 1"), "{e}");
+        assert!(e.message.contains("closed its communicator"), "{e}");
+        assert!(e.message.contains("ranks that did not arrive: [1]"), "{e}");
+    }
 }
