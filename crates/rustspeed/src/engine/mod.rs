@@ -410,46 +410,29 @@ impl<T: Float> Engine<T> {
                 layer: String::new(),
             });
         };
-        if let Some(z3) = &mut self.z3 {
+        let loss = if let Some(z3) = &mut self.z3 {
             // A materialized copy (exports) is stale once training goes on.
             model.params = Vec::new();
-            let loss = zero3::forward(model, z3, Some(&ctx))?;
-            let loss = loss.ok_or_else(|| EngineError::NoLoss {
-                layer: model.layers[last].name().to_string(),
-            })?;
-            self.pending = Some(Pending {
-                batch: batch.clone(),
-                dropout_seed: seed,
-                grad_scale,
-            });
-            return Ok(loss.mean() as f32);
-        }
-        if let Some(z2) = &mut self.z2 {
-            let loss =
-                zero2::forward(model, z2, Some(&ctx)).ok_or_else(|| EngineError::NoLoss {
-                    layer: model.layers[last].name().to_string(),
-                })?;
-            self.pending = Some(Pending {
-                batch: batch.clone(),
-                dropout_seed: seed,
-                grad_scale,
-            });
-            return Ok(loss.mean() as f32);
-        }
-        let mut flow = Flow::default();
-        for i in 0..last {
-            let views = model.layout.layer_views(i, &model.params);
-            model.layers[i].forward(&views, &mut flow, &ctx);
-        }
-        let fused =
-            grads::with_grad_views(model, &self.flat, &mut self.grads, last, |head, p, g| {
-                head.forward_backward(p, g, &mut flow, &ctx)
-            });
-        if !fused {
-            let views = model.layout.layer_views(last, &model.params);
-            model.layers[last].forward(&views, &mut flow, &ctx);
-        }
-        let loss = flow.loss.ok_or_else(|| EngineError::NoLoss {
+            zero3::forward(model, z3, Some(&ctx))?
+        } else if let Some(z2) = &mut self.z2 {
+            zero2::forward(model, z2, Some(&ctx))
+        } else {
+            let mut flow = Flow::default();
+            for i in 0..last {
+                let views = model.layout.layer_views(i, &model.params);
+                model.layers[i].forward(&views, &mut flow, &ctx);
+            }
+            let fused =
+                grads::with_grad_views(model, &self.flat, &mut self.grads, last, |head, p, g| {
+                    head.forward_backward(p, g, &mut flow, &ctx)
+                });
+            if !fused {
+                let views = model.layout.layer_views(last, &model.params);
+                model.layers[last].forward(&views, &mut flow, &ctx);
+            }
+            flow.loss
+        };
+        let loss = loss.ok_or_else(|| EngineError::NoLoss {
             layer: model.layers[last].name().to_string(),
         })?;
         debug_assert_eq!(
