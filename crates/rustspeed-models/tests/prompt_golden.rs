@@ -10,7 +10,8 @@
 //! Tolerances (f32): logits 1e-5 of the largest |logit|, loss 1e-5 relative, gradients 1e-4 of
 //! their largest |value|.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use rustspeed_models::hf_config::ModelConfig;
@@ -18,30 +19,9 @@ use rustspeed_models::loader::load_model_tuned;
 use rustspeed_models::peft::adapter::param_counts;
 use rustspeed_models::peft::{load_adapter, prefix_batch, save_adapter, PromptTuningConfig};
 use rustspeed_models::{gpt2, llama, Batch, Model, Tuning};
-use safetensors::SafeTensors;
 use serde_json::Value;
 
-fn golden_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name)
-}
-
-fn f32_tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), v))
-        })
-        .collect()
-}
+use common::{f32_tensors, open_case};
 
 struct Case {
     name: &'static str,
@@ -53,12 +33,7 @@ struct Case {
 
 impl Case {
     fn open(name: &'static str) -> Case {
-        let dir = golden_dir(name);
-        let json: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-                .unwrap();
-        let base = golden_dir(json["model"].as_str().unwrap());
-        let cfg = ModelConfig::from_path(&base).unwrap();
+        let (base, dir, cfg, json) = open_case(name);
         Case {
             name,
             base,
