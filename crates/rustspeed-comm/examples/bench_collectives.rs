@@ -9,6 +9,8 @@
 //! (reduce_scatter's input, all_gather's output, all_reduce's buffer), t = median time,
 //! algbw = S / t, busbw = algbw * (n-1)/n for reduce_scatter and all_gather and
 //! algbw * 2(n-1)/n for all_reduce (the bytes each rank must move over its link).
+//! The `*_shared` rows run the same collectives over `Communicator::alloc_shared` buffers,
+//! which peers read in place (all_gather_shared is in place: each rank's piece of its own buffer).
 
 use std::process::Command;
 use std::time::Instant;
@@ -145,6 +147,19 @@ fn run_rank<T: Elem>(comm: &Communicator, o: &Opts) {
         });
         time("all_reduce", 2.0 * (wsf - 1.0) / wsf, &mut || {
             comm.all_reduce(&mut full, ReduceOp::Sum).unwrap()
+        });
+        // The same over buffers every rank maps (`alloc_shared`): peers read in place.
+        let mut shared = comm.alloc_shared::<T>(n).unwrap();
+        shared.copy_from_slice(&x);
+        time("reduce_scatter_shared", (wsf - 1.0) / wsf, &mut || {
+            comm.reduce_scatter_shared(&shared, &mut piece, ReduceOp::Sum)
+                .unwrap()
+        });
+        time("all_gather_shared", (wsf - 1.0) / wsf, &mut || {
+            comm.all_gather_shared(&mut shared).unwrap()
+        });
+        time("all_reduce_shared", 2.0 * (wsf - 1.0) / wsf, &mut || {
+            comm.all_reduce_shared(&mut shared, ReduceOp::Sum).unwrap()
         });
     }
     comm.barrier().unwrap();

@@ -13,7 +13,8 @@ use std::time::Duration;
 use crate::elem::{Elem, ReduceOp};
 use crate::env::{self, RankInfo};
 use crate::error::{CommError, ErrorKind, Result};
-use crate::partition::partition_len;
+use crate::partition::{partition_len, partition_range};
+use crate::shared_buf::SharedBuf;
 use crate::shm::{self, Layout, Region, ShmGroup};
 use crate::store::Store;
 
@@ -143,6 +144,25 @@ impl Worker {
     fn barrier(&mut self) -> Result<()> {
         dispatch!(self, g => g.barrier())
     }
+    /// The shm group; only shm groups map shared buffers, so only they get mapped jobs.
+    fn shm(&mut self) -> &mut ShmGroup {
+        match self {
+            Worker::Shm(g) => g,
+            #[cfg(feature = "mpi")]
+            Worker::Mpi(_) => unreachable!("shared buffers are mapped only by shm groups"),
+        }
+    }
+}
+
+/// Every rank's copy of a shared buffer, moved to the communication thread (the caller waits
+/// for the job, so the mappings outlive it).
+struct Mapped<T>(Vec<*mut T>);
+unsafe impl<T> Send for Mapped<T> {}
+impl<T> Mapped<T> {
+    /// (A method, so closures capture the whole `Mapped`, which is Send, not its field.)
+    fn ptrs(&self) -> &[*mut T] {
+        &self.0
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Worker) -> Result<()> + Send>;
@@ -270,6 +290,10 @@ pub struct Communicator {
     timeout: Duration,
     backend: Backend,
     store: Option<Store>,
+    /// Store-key prefix of this communicator (same on every rank) and the count of shared
+    /// buffers it allocated, which names the next one.
+    key_prefix: String,
+    shared_bufs: std::sync::atomic::AtomicU64,
 }
 
 impl Communicator {
@@ -281,6 +305,8 @@ impl Communicator {
             timeout: DEFAULT_TIMEOUT,
             backend: Backend::Single,
             store: None,
+            key_prefix: String::new(),
+            shared_bufs: Default::default(),
         }
     }
 
@@ -423,6 +449,8 @@ impl Communicator {
                 worker: Mutex::new(Some(worker)),
             }),
             store: Some(store),
+            key_prefix: key(""),
+            shared_bufs: Default::default(),
         })
     }
 
@@ -449,6 +477,8 @@ impl Communicator {
                 worker: Mutex::new(Some(worker)),
             }),
             store: None,
+            key_prefix: String::new(),
+            shared_bufs: Default::default(),
         })
     }
 
@@ -572,6 +602,100 @@ impl Communicator {
             Backend::Single => Ok(()),
             Backend::Threaded(_) => self.submit(Box::new(|g| g.barrier())).wait(),
         }
+    }
+
+    // ---- shared buffers: peers read them in place -------------------------------------------
+
+    /// A zeroed buffer of `len` elements that the other ranks read in place in the `*_shared`
+    /// collectives, so each byte is copied once instead of twice (three times for all_gather).
+    /// Collective: every rank calls it with the same `len`, in the same order. With no shared
+    /// region (world of one, MPI) it is plain memory and the `*_shared` calls fall back to the
+    /// ordinary collectives.
+    pub fn alloc_shared<T: Elem>(&self, len: usize) -> Result<SharedBuf<T>> {
+        match (&self.backend, &self.store) {
+            (
+                Backend::Threaded(Shared {
+                    region: Some(r), ..
+                }),
+                Some(store),
+            ) => {
+                let k = self
+                    .shared_bufs
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                SharedBuf::alloc_mapped(
+                    store,
+                    &format!("{}buf{k}", self.key_prefix),
+                    self.rank(),
+                    self.world_size(),
+                    Arc::as_ptr(r) as usize,
+                    len,
+                )
+            }
+            _ => Ok(SharedBuf::local(len)),
+        }
+    }
+
+    /// Every rank's copy of `buf`, if this communicator's group mapped it.
+    fn mapped<T: Elem>(&self, buf: &SharedBuf<T>) -> Option<Mapped<T>> {
+        match &self.backend {
+            Backend::Threaded(Shared {
+                region: Some(r), ..
+            }) => buf.peers(Arc::as_ptr(r) as usize).map(Mapped),
+            _ => None,
+        }
+    }
+
+    /// In-place all_gather over a shared buffer: each rank's piece of its own `buf`
+    /// (`partition_range(buf.len(), world, rank)`) is copied into every other rank's `buf`
+    /// at the same place. Same length on every rank.
+    pub fn all_gather_shared<T: Elem>(&self, buf: &mut SharedBuf<T>) -> Result<()> {
+        if !self.is_threaded() {
+            return Ok(());
+        }
+        let n = buf.len();
+        if let Some(m) = self.mapped(buf) {
+            return self
+                .submit(Box::new(move |w| w.shm().all_gather_mapped(m.ptrs(), n)))
+                .wait();
+        }
+        let (ws, me) = (self.world_size(), self.rank());
+        let mine = partition_range(n, ws, me);
+        let mut input = vec![T::default(); partition_len(n, ws)];
+        input[..mine.len()].copy_from_slice(&buf[mine]);
+        self.all_gather(&input, buf)
+    }
+
+    /// `output` = this rank's piece of op over every rank's shared `input`, as
+    /// `reduce_scatter` (output.len() = ceil(input.len() / world), zero-padded).
+    pub fn reduce_scatter_shared<T: Elem>(
+        &self,
+        input: &SharedBuf<T>,
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        check_scatter(input.len(), output.len(), self.world_size())?;
+        let Some(m) = self.mapped(input) else {
+            return self.reduce_scatter(input, output, op);
+        };
+        let (n, o) = (input.len(), Ptr::of_mut(output));
+        // SAFETY: we wait for the job before `output`'s borrow ends.
+        self.submit(Box::new(move |w| {
+            w.shm()
+                .reduce_scatter_mapped(m.ptrs(), n, unsafe { o.get_mut() }, op)
+        }))
+        .wait()
+    }
+
+    /// In place: every rank's shared `buf` becomes op over all ranks' `buf`.
+    pub fn all_reduce_shared<T: Elem>(&self, buf: &mut SharedBuf<T>, op: ReduceOp) -> Result<()> {
+        let Some(m) = self.mapped(buf) else {
+            return self.all_reduce(buf, op);
+        };
+        let n = buf.len();
+        self.submit(Box::new(move |w| {
+            w.shm().all_reduce_mapped(m.ptrs(), n, op)
+        }))
+        .wait()
     }
 
     /// Sends `buf` to rank `dst` (returns once it is buffered or received; the matching

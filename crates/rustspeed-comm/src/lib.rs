@@ -19,8 +19,10 @@ pub mod mpi_backend;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod partition;
+pub mod shared_buf;
 pub mod shm;
 mod shm_cma;
+mod shm_mapped;
 pub mod store;
 
 pub use communicator::{CommConfig, Communicator, Handle, Pending, Scope, DEFAULT_TIMEOUT};
@@ -28,4 +30,5 @@ pub use elem::{DType, Elem, ReduceOp};
 pub use env::RankInfo;
 pub use error::{CommError, ErrorKind, Result};
 pub use partition::{aligned_len, partition_len, partition_range};
+pub use shared_buf::SharedBuf;
 pub use store::Store;

@@ -112,6 +112,9 @@ pub mod opcode {
     pub const REDUCE_SCATTER: u32 = 3;
     pub const ALL_GATHER: u32 = 4;
     pub const BROADCAST: u32 = 5;
+    pub const ALL_GATHER_SHARED: u32 = 6;
+    pub const REDUCE_SCATTER_SHARED: u32 = 7;
+    pub const ALL_REDUCE_SHARED: u32 = 8;
     pub fn name(code: u32) -> &'static str {
         match code & 0xff {
             BARRIER => "barrier",
@@ -119,6 +122,9 @@ pub mod opcode {
             REDUCE_SCATTER => "reduce_scatter",
             ALL_GATHER => "all_gather",
             BROADCAST => "broadcast",
+            ALL_GATHER_SHARED => "all_gather_shared",
+            REDUCE_SCATTER_SHARED => "reduce_scatter_shared",
+            ALL_REDUCE_SHARED => "all_reduce_shared",
             _ => "?",
         }
     }
@@ -126,7 +132,7 @@ pub mod opcode {
     pub fn label(code: u32) -> String {
         let arg = code >> 8;
         match code & 0xff {
-            ALL_REDUCE | REDUCE_SCATTER => {
+            ALL_REDUCE | REDUCE_SCATTER | ALL_REDUCE_SHARED | REDUCE_SCATTER_SHARED => {
                 let op = ["sum", "mean", "max"].get(arg as usize).unwrap_or(&"?");
                 format!("{}({op})", name(code))
             }
@@ -1160,7 +1166,7 @@ fn copy_padded<T: Elem>(src: &[T], lo: usize, dst: &mut [T]) {
 
 /// Reuses a byte buffer as `len` elements of T (T is a plain number; alignment from u8 Vec is
 /// not guaranteed, so over-allocate and align).
-fn scratch_as<T: Elem>(scratch: &mut Vec<u8>, len: usize) -> &mut [T] {
+pub(crate) fn scratch_as<T: Elem>(scratch: &mut Vec<u8>, len: usize) -> &mut [T] {
     let align = std::mem::align_of::<T>();
     let need = len * size_of::<T>() + align;
     if scratch.len() < need {

@@ -87,6 +87,20 @@ fn child() {
                 comm.recv(&mut got, 0).unwrap();
                 assert_eq!(got, buf[..1000]);
             }
+            // The same through buffers every process maps (peers read them in place).
+            let mut sb = comm.alloc_shared::<f32>(n).unwrap();
+            assert!(sb.is_mapped());
+            sb.copy_from_slice(&inputs[me]);
+            comm.reduce_scatter_shared(&sb, &mut piece, ReduceOp::Mean)
+                .unwrap();
+            let mine = rustspeed_comm::partition_range(n, ws, me);
+            let len = mine.len();
+            sb[mine].copy_from_slice(&piece[..len]);
+            comm.all_gather_shared(&mut sb).unwrap();
+            assert_eq!(&sb[..], &reduce_reference(&inputs, ReduceOp::Mean)[..]);
+            sb.copy_from_slice(&inputs[me]);
+            comm.all_reduce_shared(&mut sb, ReduceOp::Sum).unwrap();
+            assert_eq!(&sb[..], &buf[..]);
             comm.barrier().unwrap();
             println!("rank {me} ok");
         }
