@@ -205,3 +205,128 @@ fn incompatible_checkpoints_name_the_mismatch() {
     assert!(err.contains("bf16") && err.contains("f32"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// REFERENCE T11's variants of `load_checkpoint`: `load_module_only`, `load_optimizer_states=
+/// False` and `load_lr_scheduler_states=False`, each restoring what DeepSpeed's does and leaving
+/// the rest of the engine as it was. bf16 so the masters (fp32) and weights (bf16) differ.
+#[test]
+fn load_module_only_and_without_optimizer_or_scheduler_states() {
+    use rustspeed::engine::LoadOptions;
+    let json = CFG.replacen('{', r#"{"bf16": {"enabled": true},"#, 1);
+    let dir = scratch_dir("load-options");
+    let mut saved = fresh::<bf16>(&json);
+    let mut it = data().into_iter();
+    for _ in 0..3 {
+        saved.train_batch(&mut it).unwrap();
+    }
+    saved.save_checkpoint(&dir, None, json!({"k": 3})).unwrap();
+    let weights_as_f32: Vec<f32> = f32s(&saved.model().params);
+    assert_ne!(
+        bits(saved.master_weights()),
+        bits(&weights_as_f32),
+        "bf16 weights round the masters"
+    );
+    let untouched = fresh::<bf16>(&json);
+    let zero_state = untouched.optimizer().states.clone();
+    let lr0 = untouched.lr();
+    let load = |opts: LoadOptions| {
+        let mut e = fresh::<bf16>(&json);
+        let client = e.load_checkpoint_with(&dir, None, opts).unwrap();
+        assert_eq!(client, Some(json!({"k": 3})));
+        assert_eq!(
+            e.model().params,
+            saved.model().params,
+            "weights always load"
+        );
+        e
+    };
+
+    // Weights only: masters from the weights, counters/scheduler/optimizer as they were.
+    let e = load(LoadOptions {
+        module_only: true,
+        ..LoadOptions::default()
+    });
+    assert_eq!(bits(e.master_weights()), bits(&weights_as_f32));
+    assert_eq!(
+        (e.global_steps(), e.micro_steps(), e.global_samples()),
+        (0, 0, 0)
+    );
+    assert_eq!(e.optimizer().states, zero_state);
+    assert_eq!(e.lr(), lr0);
+
+    // Without optimizer states: counters and scheduler load, masters follow the weights.
+    let e = load(LoadOptions {
+        optimizer_states: false,
+        ..LoadOptions::default()
+    });
+    assert_eq!(bits(e.master_weights()), bits(&weights_as_f32));
+    assert_eq!(e.global_steps(), 3);
+    assert_eq!(e.lr(), saved.lr());
+    assert_eq!(e.optimizer().states, zero_state);
+
+    // Without scheduler states: everything but the scheduler's position.
+    let e = load(LoadOptions {
+        lr_scheduler_states: false,
+        ..LoadOptions::default()
+    });
+    assert_eq!(bits(e.master_weights()), bits(saved.master_weights()));
+    assert_eq!(e.optimizer().states, saved.optimizer().states);
+    assert_eq!(e.global_steps(), 3);
+    assert_eq!(e.lr(), lr0);
+    assert_ne!(lr0, saved.lr(), "the warmup moved the saved lr");
+
+    // An optimizer the checkpoint does not have is fine when its state is not loaded.
+    let sgd = json.replace(
+        r#""type": "AdamW", "params": {"lr": 0.02, "weight_decay": 0.1}"#,
+        r#""type": "SGD", "params": {"lr": 0.02}"#,
+    );
+    assert_ne!(sgd, json);
+    let mut e = fresh::<bf16>(&sgd);
+    assert!(e.load_checkpoint(&dir, None).is_err(), "optimizer mismatch");
+    e.load_checkpoint_with(
+        &dir,
+        None,
+        LoadOptions {
+            module_only: true,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(e.model().params, saved.model().params);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// T11's edge cases: a save right after initialization, and one between the micro-batches of
+/// an accumulation (the partial gradient is not part of a checkpoint, as in DeepSpeed): loading
+/// gives the saved weights, optimizer state and micro-step, with the accumulation restarted.
+#[test]
+fn immediate_save_and_save_inside_an_accumulation_round_trip() {
+    let dir = scratch_dir("edge-saves");
+    let e = fresh::<f32>(CFG);
+    e.save_checkpoint(&dir, Some("init"), json!(null)).unwrap();
+    let mut f = fresh::<f32>(CFG);
+    f.load_checkpoint(&dir, Some("init")).unwrap();
+    assert_eq!(f.model().params, e.model().params);
+    assert_eq!((f.global_steps(), f.micro_steps()), (0, 0));
+
+    let mut e = fresh::<f32>(CFG);
+    let mut it = data().into_iter();
+    e.train_batch(&mut it).unwrap();
+    let b = it.next().unwrap();
+    e.forward(&b).unwrap();
+    e.backward().unwrap();
+    assert!(
+        e.step().unwrap().is_none(),
+        "the first of two micro-batches"
+    );
+    assert!(e.grads().iter().any(|&g| g != 0.0), "a partial gradient");
+    e.save_checkpoint(&dir, Some("mid"), json!(null)).unwrap();
+    let mut f = fresh::<f32>(CFG);
+    f.load_checkpoint(&dir, Some("mid")).unwrap();
+    assert_eq!(f.model().params, e.model().params);
+    assert_eq!(f.optimizer().states, e.optimizer().states);
+    assert_eq!(f.micro_steps(), e.micro_steps());
+    assert_eq!(f.global_steps(), 1);
+    assert!(f.grads().iter().all(|&g| g == 0.0), "accumulation restarts");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

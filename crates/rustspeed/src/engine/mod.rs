@@ -48,6 +48,7 @@ use crate::optimizer::{
 };
 use crate::precision::{self, PrecisionError};
 
+pub use resume::LoadOptions;
 pub use schedule::schedule_params;
 pub use zero3::{ShardSlot, Zero3Layout};
 
@@ -191,6 +192,29 @@ pub struct Engine<T: Float> {
     z2: Option<zero2::Zero2>,
 }
 
+/// fp32 master weights of `partition` (in a buffer of `len`, the tail zero padding) read from
+/// the compute weights: stage 3's pieces, or the whole parameters otherwise.
+fn master_from_weights<T: Float>(
+    z3: Option<&zero3::Zero3<T>>,
+    flat: &FlatLayout,
+    params: &[T],
+    partition: Range<usize>,
+    len: usize,
+) -> Vec<f32> {
+    let mut m = vec![0.0f32; len];
+    let (flat, weights) = match z3 {
+        Some(z) => (&z.layout.flat, &z.shards[..]),
+        None => (flat, params),
+    };
+    for (_, f, range) in flat.pieces(partition.clone()) {
+        let dst = &mut m[f.start - partition.start..f.end - partition.start];
+        for (d, s) in dst.iter_mut().zip(&weights[range]) {
+            *d = s.to_f32();
+        }
+    }
+    m
+}
+
 /// splitmix64 of the base seed and the micro-step: independent masks per micro-batch, and
 /// the same masks again when a run resumes at that micro-step.
 fn dropout_seed(seed: u64, micro_step: u64) -> u64 {
@@ -310,23 +334,14 @@ impl<T: Float> Engine<T> {
         };
         let master = if config.precision == Precision::Fp32 {
             Vec::new()
-        } else if let Some(z) = &z3 {
-            let mut m = vec![0.0f32; partition.len()];
-            for (_, f, range) in z.layout.flat.pieces(partition.clone()) {
-                for (d, s) in m[f].iter_mut().zip(&z.shards[range]) {
-                    *d = s.to_f32();
-                }
-            }
-            m
         } else {
-            let mut m = vec![0.0f32; buffer_len];
-            for (_, f, range) in flat.pieces(partition.clone()) {
-                let dst = &mut m[f.start - partition.start..f.end - partition.start];
-                for (d, s) in dst.iter_mut().zip(&model.params[range]) {
-                    *d = s.to_f32();
-                }
-            }
-            m
+            master_from_weights(
+                z3.as_ref(),
+                &flat,
+                &model.params,
+                partition.clone(),
+                buffer_len,
+            )
         };
         let has_betas = spec.has_betas();
         let optimizer = OptimizerState::padded(spec, partition, buffer_len);

@@ -19,6 +19,30 @@ const MASTER: &str = crate::consolidate::FP32_MASTER;
 /// state buffers, and its step count.
 type Partition = (Vec<f32>, Vec<Vec<f32>>, u64);
 
+/// What `Engine::load_checkpoint_with` restores; the default restores everything.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// fp32 master weights and optimizer state. When false the masters are set from the
+    /// loaded weights and the optimizer state is left as it is (DeepSpeed's
+    /// `load_optimizer_states=False`); the optimizer may then differ from the saved one.
+    pub optimizer_states: bool,
+    /// The LR scheduler's position (false: left as it is).
+    pub lr_scheduler_states: bool,
+    /// Only the weights (DeepSpeed's `load_module_only`): step counters, loss scaler, data
+    /// position, scheduler and optimizer state are left as they are.
+    pub module_only: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            optimizer_states: true,
+            lr_scheduler_states: true,
+            module_only: false,
+        }
+    }
+}
+
 impl<T: Float> Engine<T> {
     fn param_shapes(&self, trainable: bool) -> Vec<ParamShape> {
         self.model
@@ -246,6 +270,17 @@ impl<T: Float> Engine<T> {
         dir: &Path,
         tag: Option<&str>,
     ) -> Result<Option<serde_json::Value>, EngineError> {
+        self.load_checkpoint_with(dir, tag, LoadOptions::default())
+    }
+
+    /// `load_checkpoint` restoring only what `options` asks for (DeepSpeed's
+    /// `load_optimizer_states`, `load_lr_scheduler_states`, `load_module_only`).
+    pub fn load_checkpoint_with(
+        &mut self,
+        dir: &Path,
+        tag: Option<&str>,
+        options: LoadOptions,
+    ) -> Result<Option<serde_json::Value>, EngineError> {
         let Some(tag) = checkpoint::resolve_tag(dir, tag)? else {
             return Ok(None);
         };
@@ -265,7 +300,9 @@ impl<T: Float> Engine<T> {
         )
         .map_err(mismatch)?;
         let ours = self.optimizer.spec.name();
-        if meta.optimizer != ours {
+        let optimizer = options.optimizer_states && !options.module_only;
+        let scheduler = options.lr_scheduler_states && !options.module_only;
+        if optimizer && meta.optimizer != ours {
             return Err(mismatch(format!(
                 "optimizer is `{}` in the checkpoint, `{ours}` in the config",
                 meta.optimizer
@@ -280,7 +317,7 @@ impl<T: Float> Engine<T> {
             ))
             .into());
         }
-        if meta.lr_scheduler.is_some() != self.scheduler.is_some() {
+        if scheduler && meta.lr_scheduler.is_some() != self.scheduler.is_some() {
             return Err(mismatch(format!(
                 "the checkpoint {} an LR scheduler but the config {}",
                 if meta.lr_scheduler.is_some() {
@@ -298,7 +335,11 @@ impl<T: Float> Engine<T> {
         }
 
         let params = self.read_params(&tag_dir)?;
-        let (master, states, optimizer_step) = self.read_partition(&tag_dir)?;
+        let partition = if optimizer {
+            Some(self.read_partition(&tag_dir)?)
+        } else {
+            None
+        };
 
         // Everything is read and checked: apply.
         match &mut self.z3 {
@@ -309,18 +350,38 @@ impl<T: Float> Engine<T> {
             }
             None => self.model.params = params,
         }
-        self.master = master;
-        self.optimizer.states = states;
-        self.optimizer.step = optimizer_step;
-        if let (Some(s), Some(state)) = (&mut self.scheduler, meta.lr_scheduler) {
-            s.load_state(state);
+        match partition {
+            Some((master, states, optimizer_step)) => {
+                self.master = master;
+                self.optimizer.states = states;
+                self.optimizer.step = optimizer_step;
+            }
+            // DeepSpeed's `_restore_from_bit16_weights`: the masters follow the loaded weights;
+            // the optimizer state stays as it is.
+            None if !self.master.is_empty() => {
+                self.master = super::master_from_weights(
+                    self.z3.as_ref(),
+                    &self.flat,
+                    &self.model.params,
+                    self.optimizer.partition.clone(),
+                    self.master.len(),
+                );
+            }
+            None => {}
         }
-        self.scaler = meta.loss_scaler;
-        self.global_steps = meta.global_steps;
-        self.skipped_steps = meta.skipped_steps;
-        self.global_samples = meta.global_samples;
-        self.micro_steps = meta.rng.micro_steps;
-        self.seed = meta.rng.dropout_seed;
+        if scheduler {
+            if let (Some(s), Some(state)) = (&mut self.scheduler, meta.lr_scheduler) {
+                s.load_state(state);
+            }
+        }
+        if !options.module_only {
+            self.scaler = meta.loss_scaler;
+            self.global_steps = meta.global_steps;
+            self.skipped_steps = meta.skipped_steps;
+            self.global_samples = meta.global_samples;
+            self.micro_steps = meta.rng.micro_steps;
+            self.seed = meta.rng.dropout_seed;
+        }
         self.grads.fill(0.0);
         self.pending = None;
         tracing::info!(
