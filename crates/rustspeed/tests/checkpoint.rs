@@ -207,7 +207,7 @@ fn incompatible_checkpoints_name_the_mismatch() {
 }
 
 /// REFERENCE T11's variants of `load_checkpoint`: `load_module_only`, `load_optimizer_states=
-/// False` and `load_lr_scheduler_states=False`, each restoring what DeepSpeed's does and leaving
+/// False` and `load_lr_scheduler_states=False` (and ZeRO's `load_from_fp32_weights: false`), each restoring what DeepSpeed's does and leaving
 /// the rest of the engine as it was. bf16 so the masters (fp32) and weights (bf16) differ.
 #[test]
 fn load_module_only_and_without_optimizer_or_scheduler_states() {
@@ -274,6 +274,18 @@ fn load_module_only_and_without_optimizer_or_scheduler_states() {
     assert_eq!(e.global_steps(), 3);
     assert_eq!(e.lr(), lr0);
     assert_ne!(lr0, saved.lr(), "the warmup moved the saved lr");
+
+    // ZeRO's `load_from_fp32_weights: false`: optimizer state loads, masters from the weights.
+    let bit16 = json.replacen(
+        '{',
+        r#"{"zero_optimization": {"stage": 1, "load_from_fp32_weights": false},"#,
+        1,
+    );
+    let mut e = fresh::<bf16>(&bit16);
+    e.load_checkpoint(&dir, None).unwrap();
+    assert_eq!(bits(e.master_weights()), bits(&weights_as_f32));
+    assert_eq!(e.optimizer().states, saved.optimizer().states);
+    assert_eq!(e.global_steps(), 3);
 
     // An optimizer the checkpoint does not have is fine when its state is not loaded.
     let sgd = json.replace(

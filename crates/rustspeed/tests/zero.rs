@@ -331,6 +331,83 @@ fn allreduce_sum_doubles_the_gradient_at_world_2() {
     }
 }
 
+/// DeepSpeed's reduction arithmetic knobs: `prescale_gradients` and `gradient_predivide_factor`
+/// (divide before the sum, multiply after) and `reduce_scatter: false` (all-reduce, keep the
+/// part) change rounding only; `allgather_partitions: false` (each owner broadcasts) and small
+/// `allgather_bucket_size` rounds change nothing. Every stage, worlds 2 and 4.
+#[test]
+fn reduction_and_gather_knobs_train_like_one_process_f32() {
+    let base = run::<f32>(1, 0, "");
+    let zero_knobs = [
+        r#", "reduce_scatter": false"#,
+        r#", "allgather_partitions": false"#,
+        r#", "allgather_bucket_size": 10"#,
+        r#", "reduce_scatter": false, "allgather_partitions": false, "allgather_bucket_size": 6, "reduce_bucket_size": 7"#,
+    ];
+    let top_knobs = [
+        r#", "prescale_gradients": true"#,
+        r#", "gradient_predivide_factor": 2.0"#,
+        r#", "gradient_predivide_factor": 3.0"#,
+    ];
+    for world in [2, 4] {
+        for stage in [0, 1, 2, 3] {
+            for zero in zero_knobs {
+                let json = json_zero(
+                    stage,
+                    &format!(r#", "stage3_param_persistence_threshold": 0{zero}"#),
+                    "",
+                );
+                let got = run_json::<f32>(world, &json, 0..STEPS, None, None);
+                assert_same(
+                    &got,
+                    &base,
+                    1e-5,
+                    &format!("world {world} stage {stage} {zero}"),
+                );
+            }
+            for top in top_knobs {
+                let got = run::<f32>(world, stage, top);
+                assert_same(
+                    &got,
+                    &base,
+                    1e-5,
+                    &format!("world {world} stage {stage} {top}"),
+                );
+            }
+        }
+    }
+}
+
+/// With `gradient_allreduce_op: sum`, `gradient_predivide_factor` f divides the summed
+/// gradient by f (DeepSpeed multiplies back only for a mean): at world 2, f = 2 is the mean.
+/// (A sum is refused at stage 3, as DeepSpeed does.)
+#[test]
+fn predivide_factor_with_sum_divides_the_sum() {
+    for stage in [0, 1, 2] {
+        let mean = run::<f32>(2, stage, "");
+        let sum_over_2 = run::<f32>(
+            2,
+            stage,
+            r#", "gradient_allreduce_op": "sum", "gradient_predivide_factor": 2.0"#,
+        );
+        assert!(
+            rel(sum_over_2.norms[0], mean.norms[0]) < 1e-5,
+            "stage {stage}: {} vs {}",
+            sum_over_2.norms[0],
+            mean.norms[0]
+        );
+        let sum_over_4 = run::<f32>(
+            2,
+            stage,
+            r#", "gradient_allreduce_op": "sum", "gradient_predivide_factor": 4.0"#,
+        );
+        assert!(
+            rel(sum_over_4.norms[0], 0.5 * mean.norms[0]) < 1e-5,
+            "stage {stage}"
+        );
+    }
+}
+
 /// Checkpoints that move: saved by 2 ranks at stage 2 or 3 (each rank writes its partition, at
 /// stage 3 its pieces of the parameters too), resumed by 1 rank, by 4 ranks at stages 1-3 and by
 /// 2 ranks at stages 0 and 3; the rest of the run equals the uninterrupted one.
@@ -466,4 +543,52 @@ fn model_state_bytes_per_rank_match_the_memory_model() {
     // Stage 2 over 2 ranks: 1296 trainable, aligned to 4, halves of 648.
     let totals = check::<bf16>(2, 2, "", bf);
     assert_eq!(totals, vec![2 * 1312 + 16 * 648; 2]);
+}
+
+/// DeepSpeed's `checkpoint.tag_validation` when ranks pass different tags: "Fail" errors on
+/// every rank and writes nothing; "Warn" (the default) saves under rank 0's tag.
+#[test]
+fn checkpoint_tag_validation_over_ranks() {
+    for mode in ["Fail", "Warn"] {
+        let dir = scratch_dir(&format!("tag-{mode}"));
+        let json = json(
+            1,
+            &format!(r#", "checkpoint": {{"tag_validation": "{mode}"}}"#),
+        );
+        let cfg = config_for_world(&json, 2);
+        let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| {
+                    let (cfg, dir) = (&cfg, &dir);
+                    s.spawn(move || {
+                        let options = EngineOptions {
+                            comm: Some(Arc::new(comm)),
+                            ..EngineOptions::default()
+                        };
+                        let built = tiny_model::<f32>(3, true);
+                        let e = Engine::initialize(built.model, cfg, options).unwrap();
+                        e.save_checkpoint(dir, Some(&format!("tag{rank}")), serde_json::json!({}))
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        if mode == "Fail" {
+            for r in &results {
+                let e = r.as_ref().unwrap_err();
+                assert!(e.contains("differs from rank 0's `tag0`"), "{e}");
+            }
+            assert!(!dir.join("tag0").exists() && !dir.join("tag1").exists());
+        } else {
+            for r in &results {
+                assert!(r.as_ref().unwrap().ends_with("tag0"), "{r:?}");
+            }
+            assert!(dir.join("tag0").is_dir() && !dir.join("tag1").exists());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -335,3 +335,84 @@ fn tied_gpt2_with_checkpointing_at_stages_2_3_trains_like_one_process() {
         assert!(diff <= 1e-5 * scale, "{what}: weights differ by {diff}");
     }
 }
+
+/// One step of the tiny tied GPT-2 (embedding, 2 blocks, head) on 2 ranks: rank 0's loss,
+/// fetch statistics and the gathered elements of each layer.
+fn gpt2_fetch(zero: &str) -> (f32, rustspeed::engine::FetchStats, Vec<u64>) {
+    let json = format!(
+        r#"{{"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {{"type": "SGD", "params": {{"lr": 0.05}}}},
+            "zero_allow_untested_optimizer": true,
+            "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0 {zero}}}}}"#
+    );
+    let cfg = config_for_world(&json, 2);
+    let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
+    let mut out: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    let options = EngineOptions {
+                        comm: Some(Arc::new(comm)),
+                        ..EngineOptions::default()
+                    };
+                    let mut e = Engine::initialize(tiny_gpt2::<f32>(false), cfg, options).unwrap();
+                    let r = e
+                        .train_partial_batch(vec![gpt2_batch(rank as u32)])
+                        .unwrap();
+                    let z = e.zero3_layout().unwrap();
+                    let numel = (0..z.layer_slots.len())
+                        .map(|l| z.gathered_numel(l))
+                        .collect();
+                    (r.loss, e.zero3_fetch_stats().unwrap(), numel)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    out.swap_remove(0)
+}
+
+/// DeepSpeed's stage-3 fetch rules, at the granularity of a layer (engine/fetch.rs): with its
+/// defaults every layer gathered in forward stays until its backward (one gather per layer);
+/// `stage3_max_reuse_distance` 0 re-gathers every layer below the head in backward; a distance
+/// just past the head's size keeps only the last block; `stage3_max_live_parameters` caps what
+/// prefetch may add. The loss never changes.
+#[test]
+fn stage3_fetch_follows_prefetch_live_and_reuse_rules() {
+    let (loss, stats, numel) = gpt2_fetch("");
+    let [emb, b0, b1, head] = numel[..] else {
+        panic!("embedding, 2 blocks, head: {numel:?}")
+    };
+    assert_eq!(b0, b1);
+    let total = emb + b0 + b1 + head;
+    assert_eq!(stats.gathers, 4, "{stats:?}");
+    assert_eq!(stats.peak_live, total);
+
+    let no_prefetch = r#", "stage3_prefetch_bucket_size": 0"#;
+    let (l, s, _) = gpt2_fetch(no_prefetch);
+    assert_eq!((l, s.gathers, s.peak_live), (loss, 4, total));
+
+    let (l, s, _) = gpt2_fetch(&format!(r#"{no_prefetch}, "stage3_max_reuse_distance": 0"#));
+    assert_eq!((l, s.gathers), (loss, 7));
+    assert_eq!(s.peak_live, emb.max(b0).max(head), "one layer at a time");
+
+    let just_past_head = format!(
+        r#"{no_prefetch}, "stage3_max_reuse_distance": {}"#,
+        head + 1
+    );
+    let (l, s, _) = gpt2_fetch(&just_past_head);
+    assert_eq!((l, s.gathers), (loss, 6), "only the last block is kept");
+    assert_eq!(s.peak_live, (b1 + head).max(emb));
+
+    let capped = format!(r#", "stage3_max_live_parameters": {b0}, "stage3_max_reuse_distance": 0"#);
+    let (l, s, _) = gpt2_fetch(&capped);
+    assert_eq!((l, s.gathers), (loss, 7));
+    assert!(s.peak_live <= 2 * b0, "{s:?}");
+
+    // Prefetching everything ahead keeps what it walked past, whatever the reuse distance.
+    let (l, s, _) = gpt2_fetch(r#", "stage3_max_reuse_distance": 0"#);
+    assert_eq!((l, s.gathers, s.peak_live), (loss, 4, total));
+}

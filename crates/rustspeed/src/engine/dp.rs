@@ -20,17 +20,103 @@ use rustspeed_kernels::Float;
 
 use crate::optimizer::FlatLayout;
 
+/// How gradients are combined over ranks, as DeepSpeed's `allreduce_bucket`: by default the
+/// collective's own mean or sum (`gradient_allreduce_op`); with `prescale_gradients` each rank
+/// divides by the world size first and the ranks sum; with `gradient_predivide_factor` f each
+/// rank divides by f, the ranks sum, and a mean multiplies by f / world after. In exact
+/// arithmetic all give the mean (or the sum / f); they differ in rounding and in the range the
+/// values take on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradReduce {
+    pub op: ReduceOp,
+    pub pre: f32,
+    pub post: f32,
+}
+
+impl GradReduce {
+    pub fn new(mean: bool, prescale: bool, predivide: f64, world: usize) -> GradReduce {
+        let w = world as f64;
+        if prescale {
+            GradReduce {
+                op: ReduceOp::Sum,
+                pre: (1.0 / w) as f32,
+                post: 1.0,
+            }
+        } else if predivide != 1.0 {
+            GradReduce {
+                op: ReduceOp::Sum,
+                pre: (1.0 / predivide) as f32,
+                post: if mean && predivide != w {
+                    (predivide / w) as f32
+                } else {
+                    1.0
+                },
+            }
+        } else {
+            GradReduce {
+                op: if mean { ReduceOp::Mean } else { ReduceOp::Sum },
+                pre: 1.0,
+                post: 1.0,
+            }
+        }
+    }
+
+    /// Before the collective, on this rank's contribution.
+    pub fn scale_before(&self, g: &mut [f32]) {
+        scale(g, self.pre);
+    }
+
+    /// After the collective, on the reduced values.
+    pub fn scale_after(&self, g: &mut [f32]) {
+        scale(g, self.post);
+    }
+}
+
+fn scale(g: &mut [f32], by: f32) {
+    if by != 1.0 {
+        g.iter_mut().for_each(|x| *x *= by);
+    }
+}
+
+/// DeepSpeed's `reduce_scatter`, `allgather_partitions` and `allgather_bucket_size`.
+#[derive(Clone, Copy, Debug)]
+pub struct Exchange {
+    /// Gradients reduce-scattered to their owners (false: all-reduced, each rank keeping its
+    /// part).
+    pub reduce_scatter: bool,
+    /// Updated partitions all-gathered (false: each owner broadcasts its own).
+    pub allgather_partitions: bool,
+    /// Elements of the full buffer gathered per round (`allgather_bucket_size`).
+    pub allgather_bucket: usize,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            reduce_scatter: true,
+            allgather_partitions: true,
+            allgather_bucket: 500_000_000,
+        }
+    }
+}
+
 pub struct DataParallel {
     pub comm: Arc<Communicator>,
     pub stage: u8,
-    /// `mean` or `sum` (`gradient_allreduce_op`).
-    pub op: ReduceOp,
+    pub reduce: GradReduce,
+    pub exchange: Exchange,
     /// The flat buffer's length after padding (the whole length at stage 0).
     pub padded: usize,
 }
 
 impl DataParallel {
-    pub fn new(comm: Arc<Communicator>, stage: u8, op: ReduceOp, numel: usize) -> Self {
+    pub fn new(
+        comm: Arc<Communicator>,
+        stage: u8,
+        reduce: GradReduce,
+        exchange: Exchange,
+        numel: usize,
+    ) -> Self {
         let world = comm.world_size();
         let padded = if stage >= 1 {
             aligned_len(numel, 2 * world)
@@ -40,7 +126,8 @@ impl DataParallel {
         DataParallel {
             comm,
             stage,
-            op,
+            reduce,
+            exchange,
             padded,
         }
     }
@@ -70,15 +157,25 @@ impl DataParallel {
         grads: &mut [f32],
         numel: usize,
     ) -> Result<(), rustspeed_comm::CommError> {
+        let r = self.reduce;
         if self.stage == 0 {
-            return self.comm.all_reduce(&mut grads[..numel], self.op);
+            r.scale_before(&mut grads[..numel]);
+            self.comm.all_reduce(&mut grads[..numel], r.op)?;
+            r.scale_after(&mut grads[..numel]);
+            return Ok(());
         }
         let piece = self.padded / self.world();
-        let mut mine = vec![0f32; piece];
-        self.comm
-            .reduce_scatter(&grads[..self.padded], &mut mine, self.op)?;
         let lo = self.rank() * piece;
-        grads[lo..lo + piece].copy_from_slice(&mine);
+        r.scale_before(&mut grads[..self.padded]);
+        if self.exchange.reduce_scatter {
+            let mut mine = vec![0f32; piece];
+            self.comm
+                .reduce_scatter(&grads[..self.padded], &mut mine, r.op)?;
+            grads[lo..lo + piece].copy_from_slice(&mine);
+        } else {
+            self.comm.all_reduce(&mut grads[..self.padded], r.op)?;
+        }
+        r.scale_after(&mut grads[lo..lo + piece]);
         Ok(())
     }
 
@@ -116,12 +213,38 @@ impl DataParallel {
                 *d = s.to_f32();
             }
         }
-        let mut all = vec![0f32; self.padded];
-        self.comm.all_gather(&send, &mut all)?;
-        for (_, f, m) in flat.pieces(0..flat.numel) {
-            for (d, s) in params[m].iter_mut().zip(&all[f]) {
-                *d = T::from_f32(*s);
+        // Round by round, `allgather_bucket_size` elements of the whole buffer at a time
+        // (a piece of `q` from every rank).
+        let ws = self.world();
+        let q = (self.exchange.allgather_bucket / ws).clamp(1, piece.max(1));
+        let mut all = vec![0f32; q * ws];
+        let mut off = 0;
+        while off < piece {
+            let len = q.min(piece - off);
+            let round = &mut all[..len * ws];
+            if self.exchange.allgather_partitions {
+                self.comm.all_gather(&send[off..off + len], round)?;
+            } else {
+                for r in 0..ws {
+                    let dst = &mut round[r * len..(r + 1) * len];
+                    if r == self.rank() {
+                        dst.copy_from_slice(&send[off..off + len]);
+                    }
+                    self.comm.broadcast(dst, r)?;
+                }
             }
+            // Rank r's elements [off, off + len) of its piece are flat [r·piece + off, ..).
+            for r in 0..ws {
+                let lo = r * piece + off;
+                let window = lo.min(flat.numel)..(lo + len).min(flat.numel);
+                for (_, f, m) in flat.pieces(window) {
+                    let src = &round[r * len + f.start - lo..r * len + f.end - lo];
+                    for (d, s) in params[m].iter_mut().zip(src) {
+                        *d = T::from_f32(*s);
+                    }
+                }
+            }
+            off += len;
         }
         Ok(())
     }

@@ -24,6 +24,7 @@
 
 mod dp;
 mod eval;
+mod fetch;
 mod grads;
 mod resume;
 mod schedule;
@@ -33,7 +34,7 @@ mod zero3;
 use std::ops::Range;
 use std::sync::Arc;
 
-use rustspeed_comm::{CommError, Communicator, ReduceOp};
+use rustspeed_comm::{CommError, Communicator};
 use rustspeed_config::{AllreduceOp, DsConfig, Precision};
 use rustspeed_kernels::optim::{clip_coefficient, grad_norm, GradNorm};
 use rustspeed_kernels::Float;
@@ -48,6 +49,7 @@ use crate::optimizer::{
 };
 use crate::precision::{self, PrecisionError};
 
+pub use fetch::FetchStats;
 pub use resume::LoadOptions;
 pub use schedule::schedule_params;
 pub use zero3::{ShardSlot, Zero3Layout};
@@ -76,6 +78,12 @@ pub enum EngineError {
     WorldSize(u64),
     #[error("the last layer `{layer}` reported no loss after forward; a model must end with a layer that sets `flow.loss` (an LM head)")]
     NoLoss { layer: String },
+    #[error("checkpoint tag `{ours}` on rank {rank} differs from rank 0's `{root}`; every rank must save under the same tag (checkpoint.tag_validation is \"Fail\")")]
+    TagMismatch {
+        rank: usize,
+        ours: String,
+        root: String,
+    },
     #[error("backward() was called without a forward() before it")]
     BackwardWithoutForward,
     #[error("forward() was called again before backward(); the LM head accumulates its gradients during forward, so every forward() must be followed by its backward()")]
@@ -249,14 +257,6 @@ impl<T: Float> Engine<T> {
                     comm: c.world_size(),
                 });
             }
-            // They change the arithmetic of the reduction; ignoring them would train differently
-            // than asked.
-            if config.prescale_gradients || config.gradient_predivide_factor != 1.0 {
-                return Err(EngineError::NotSupported(
-                    "prescale_gradients / gradient_predivide_factor over several ranks (issue 6)"
-                        .into(),
-                ));
-            }
         }
         if comm.is_none() && config.zero_stage() > 0 {
             tracing::warn!(
@@ -267,11 +267,19 @@ impl<T: Float> Engine<T> {
         let spec = OptimizerSpec::from_config(config.optimizer.as_ref())?;
         let flat = FlatLayout::new(&model.layout, &options.decay_rule);
         let dp = comm.map(|c| {
-            let op = match config.gradient_allreduce_op {
-                AllreduceOp::Mean => ReduceOp::Mean,
-                AllreduceOp::Sum => ReduceOp::Sum,
+            let zc = &config.zero_optimization;
+            let reduce = dp::GradReduce::new(
+                config.gradient_allreduce_op == AllreduceOp::Mean,
+                config.prescale_gradients,
+                config.gradient_predivide_factor,
+                c.world_size(),
+            );
+            let exchange = dp::Exchange {
+                reduce_scatter: zc.reduce_scatter,
+                allgather_partitions: zc.allgather_partitions,
+                allgather_bucket: usize::try_from(zc.allgather_bucket_size).unwrap_or(usize::MAX),
             };
-            dp::DataParallel::new(c, config.zero_stage(), op, flat.numel)
+            dp::DataParallel::new(c, config.zero_stage(), reduce, exchange, flat.numel)
         });
         if dp.as_ref().is_some_and(|d| d.stage >= 1) && matches!(spec, OptimizerSpec::Lamb(_)) {
             return Err(EngineError::NotSupported(
@@ -295,11 +303,15 @@ impl<T: Float> Engine<T> {
                 model.params = Vec::new();
                 Some(zero3::Zero3::new(
                     d.comm.clone(),
-                    d.op,
+                    d.reduce,
                     layout,
                     shards,
                     resident,
-                    zc.prefetch_bucket_size > 0,
+                    fetch::FetchConfig {
+                        prefetch_bucket: zc.prefetch_bucket_size,
+                        max_live: zc.max_live_parameters,
+                        max_reuse_distance: zc.max_reuse_distance,
+                    },
                     zc.overlap_comm,
                 ))
             }
@@ -312,7 +324,8 @@ impl<T: Float> Engine<T> {
                     zero3::Zero3Layout::new(&model.layout, &flat, d.world(), d.rank(), 0, 0);
                 Some(zero2::Zero2::new(
                     d.comm.clone(),
-                    d.op,
+                    d.reduce,
+                    d.exchange.reduce_scatter,
                     layout,
                     d.padded / d.world(),
                     zc.reduce_bucket_size,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use rustspeed_kernels::Float;
 
+use rustspeed_config::TagValidation;
+
 use super::{Engine, EngineError};
 use crate::checkpoint::{
     self, copy_overlaps, encode_ranges, optim_states_file, CheckpointError, CheckpointMeta,
@@ -171,6 +173,7 @@ impl<T: Float> Engine<T> {
         let tag = tag
             .map(str::to_string)
             .unwrap_or_else(|| format!("global_step{}", self.global_steps));
+        let tag = self.agreed_tag(tag)?;
         let rank = self.rank_and_world().0;
         let barrier = || -> Result<(), EngineError> {
             match &self.dp {
@@ -259,6 +262,49 @@ impl<T: Float> Engine<T> {
             self.partition_metadata(),
             path,
         )?)
+    }
+
+    /// DeepSpeed's `checkpoint.tag_validation` over ranks: rank 0's tag is sent to every rank;
+    /// when any rank's differs, "Warn" logs it and saves under rank 0's tag, "Fail" is an error
+    /// on every rank (nothing written), "Ignore" skips the check.
+    fn agreed_tag(&self, tag: String) -> Result<String, EngineError> {
+        let Some(d) = &self.dp else {
+            return Ok(tag);
+        };
+        let mode = self.config.checkpoint.tag_validation;
+        if mode == TagValidation::Ignore {
+            return Ok(tag);
+        }
+        // One f32 per byte: exact.
+        let mut len = [tag.len() as f32];
+        d.comm.broadcast(&mut len, 0)?;
+        let mut bytes: Vec<f32> = if d.rank() == 0 {
+            tag.bytes().map(f32::from).collect()
+        } else {
+            vec![0.0; len[0] as usize]
+        };
+        d.comm.broadcast(&mut bytes, 0)?;
+        let root = String::from_utf8_lossy(&bytes.iter().map(|&b| b as u8).collect::<Vec<_>>())
+            .into_owned();
+        if d.sum(u64::from(root != tag))? == 0 {
+            return Ok(tag);
+        }
+        match mode {
+            TagValidation::Fail => Err(EngineError::TagMismatch {
+                rank: d.rank(),
+                ours: tag,
+                root,
+            }),
+            _ => {
+                if root != tag {
+                    tracing::warn!(
+                        "checkpoint tag `{tag}` on rank {} differs from rank 0's; saving under `{root}` (checkpoint.tag_validation \"Warn\")",
+                        d.rank()
+                    );
+                }
+                Ok(root)
+            }
+        }
     }
 
     /// Loads `<dir>/<tag>` (tag `None`: the one `latest` names) into this engine and returns
@@ -350,24 +396,25 @@ impl<T: Float> Engine<T> {
             }
             None => self.model.params = params,
         }
-        match partition {
-            Some((master, states, optimizer_step)) => {
-                self.master = master;
-                self.optimizer.states = states;
-                self.optimizer.step = optimizer_step;
-            }
-            // DeepSpeed's `_restore_from_bit16_weights`: the masters follow the loaded weights;
-            // the optimizer state stays as it is.
-            None if !self.master.is_empty() => {
-                self.master = super::master_from_weights(
-                    self.z3.as_ref(),
-                    &self.flat,
-                    &self.model.params,
-                    self.optimizer.partition.clone(),
-                    self.master.len(),
-                );
-            }
-            None => {}
+        // Without optimizer states, or with ZeRO's `load_from_fp32_weights: false`, the fp32
+        // masters follow the loaded 16-bit weights (DeepSpeed's `_restore_from_bit16_weights`);
+        // the optimizer state stays as it is when not loaded.
+        let fp32_masters =
+            self.config.zero_stage() == 0 || self.config.zero_optimization.load_from_fp32_weights;
+        let from_weights = partition.is_none() || !fp32_masters;
+        if let Some((master, states, optimizer_step)) = partition {
+            self.master = master;
+            self.optimizer.states = states;
+            self.optimizer.step = optimizer_step;
+        }
+        if from_weights && !self.master.is_empty() {
+            self.master = super::master_from_weights(
+                self.z3.as_ref(),
+                &self.flat,
+                &self.model.params,
+                self.optimizer.partition.clone(),
+                self.master.len(),
+            );
         }
         if scheduler {
             if let (Some(s), Some(state)) = (&mut self.scheduler, meta.lr_scheduler) {

@@ -16,17 +16,20 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use rustspeed_comm::{CommError, Communicator, ReduceOp};
+use rustspeed_comm::{CommError, Communicator};
 use rustspeed_kernels::Float;
 use rustspeed_models::{Ctx, Flow, LossSum, Model};
 
+use super::dp::GradReduce;
 use super::zero3::{
     finish_reduce, scratch_len, take_scratch, with_grad_views, ReduceInFlight, Zero3Layout,
 };
 
 pub(super) struct Zero2 {
     pub comm: Arc<Communicator>,
-    pub op: ReduceOp,
+    pub reduce: GradReduce,
+    /// `reduce_scatter`: false all-reduces each bucket whole, every rank keeping its part.
+    pub reduce_scatter: bool,
     /// Only its slot bookkeeping (sizes, flat offsets, layers' own and tied slots) is used.
     pub layout: Zero3Layout,
     /// Elements per partition (padding included).
@@ -40,7 +43,8 @@ pub(super) struct Zero2 {
 impl Zero2 {
     pub fn new(
         comm: Arc<Communicator>,
-        op: ReduceOp,
+        reduce: GradReduce,
+        reduce_scatter: bool,
         layout: Zero3Layout,
         piece: usize,
         bucket: u64,
@@ -49,7 +53,8 @@ impl Zero2 {
         let n = layout.slots.len();
         Zero2 {
             comm,
-            op,
+            reduce,
+            reduce_scatter,
             layout,
             piece,
             bucket: usize::try_from(bucket).unwrap_or(usize::MAX).max(1),
@@ -82,6 +87,32 @@ impl Zero2 {
             let lo = bucket.start.max(r * self.piece);
             lo..bucket.end.min((r + 1) * self.piece).max(lo)
         };
+        let mine = part(self.comm.rank());
+        let at = if mine.is_empty() {
+            0
+        } else {
+            mine.start - self.comm.rank() * self.piece
+        };
+        if !self.reduce_scatter {
+            let mut out = scratch[bucket.start - base..bucket.end - base].to_vec();
+            self.reduce.scale_before(&mut out);
+            // SAFETY: `out` moves with the Pending into the ReduceInFlight, which waits before
+            // dropping or reading it; moving a Vec does not move its heap buffer.
+            let pending = unsafe { self.comm.start_all_reduce(&mut out, self.reduce.op)? };
+            return Ok(ReduceInFlight {
+                pending: Some(pending),
+                _send: Vec::new(),
+                from: if mine.is_empty() {
+                    0
+                } else {
+                    mine.start - bucket.start
+                },
+                out,
+                at,
+                keep: mine.len(),
+                scale: self.reduce.post,
+            });
+        }
         let m = (0..world).map(|r| part(r).len()).max().unwrap_or(0);
         let mut send = vec![0f32; m * world];
         for r in 0..world {
@@ -91,21 +122,22 @@ impl Zero2 {
             }
             send[r * m..r * m + p.len()].copy_from_slice(&scratch[p.start - base..p.end - base]);
         }
-        let mine = part(self.comm.rank());
+        self.reduce.scale_before(&mut send);
         let mut out = vec![0f32; m];
         // SAFETY: `send` and `out` move with the Pending into the ReduceInFlight, which waits
         // before dropping them (field order) and before reading `out`.
-        let pending = unsafe { self.comm.start_reduce_scatter(&send, &mut out, self.op)? };
+        let pending = unsafe {
+            self.comm
+                .start_reduce_scatter(&send, &mut out, self.reduce.op)?
+        };
         Ok(ReduceInFlight {
             pending: Some(pending),
             _send: send,
             out,
-            at: if mine.is_empty() {
-                0
-            } else {
-                mine.start - self.comm.rank() * self.piece
-            },
+            from: 0,
+            at,
             keep: mine.len(),
+            scale: self.reduce.post,
         })
     }
 

@@ -32,11 +32,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use rustspeed_comm::{CommError, Communicator, Pending, ReduceOp};
+use rustspeed_comm::{CommError, Communicator, Pending};
 use rustspeed_kernels::Float;
 use rustspeed_models::params::disjoint_mut;
 use rustspeed_models::{Batch, Ctx, Flow, LossSum, Model, ParamLayout};
 
+use super::dp::GradReduce;
+use super::fetch::{FetchConfig, FetchStats, Fetcher};
 use crate::optimizer::{DecayRule, FlatLayout, DECAY_GROUP};
 
 /// One parameter's piece on this rank.
@@ -205,7 +207,15 @@ impl Zero3Layout {
             .collect()
     }
 
-    /// Sum of the pieces' lengths of layer `l`'s gathered (non-persistent) slots.
+    /// Elements of layer `l`'s parameters that are gathered (not persistent), whole.
+    pub fn gathered_numel(&self, l: usize) -> u64 {
+        self.gathered(l)
+            .iter()
+            .map(|&s| self.slots[s].numel as u64)
+            .sum()
+    }
+
+    /// Layer `l`'s gathered (non-persistent) slots.
     fn gathered(&self, l: usize) -> Vec<usize> {
         self.layer_slots[l]
             .iter()
@@ -258,6 +268,12 @@ pub(super) struct InFlight<T> {
     layer: usize,
 }
 
+impl<T> InFlight<T> {
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+}
+
 /// A layer's parameters gathered whole: `at[k]` is where the layer's k-th used slot lies in
 /// `buf` (`None`: it is resident).
 pub(super) struct Gathered<T> {
@@ -266,15 +282,19 @@ pub(super) struct Gathered<T> {
     layer: usize,
 }
 
-/// A gradient reduce-scatter in flight: `out[..keep]` is added to the partition at `at`.
-/// Field order matters: the `Pending` drops (waits) before the buffers are freed.
+/// A gradient reduction in flight: `out[from..from + keep]`, times `scale`, is added to the
+/// partition at `at`. Field order matters: the `Pending` drops (waits) before the buffers are
+/// freed.
 pub(super) struct ReduceInFlight {
     pub pending: Option<Pending>,
     /// Read by the collective while it runs; kept alive until then.
     pub _send: Vec<f32>,
     pub out: Vec<f32>,
+    pub from: usize,
     pub at: usize,
     pub keep: usize,
+    /// `GradReduce::post`.
+    pub scale: f32,
 }
 
 impl ReduceInFlight {
@@ -282,11 +302,13 @@ impl ReduceInFlight {
         if let Some(p) = self.pending.take() {
             p.wait()?;
         }
-        for (g, v) in grads[self.at..self.at + self.keep]
-            .iter_mut()
-            .zip(&self.out)
-        {
-            *g += v;
+        let reduced = &self.out[self.from..self.from + self.keep];
+        let dst = &mut grads[self.at..self.at + self.keep];
+        if self.scale == 1.0 {
+            dst.iter_mut().zip(reduced).for_each(|(g, v)| *g += v);
+        } else {
+            let k = self.scale;
+            dst.iter_mut().zip(reduced).for_each(|(g, v)| *g += v * k);
         }
         Ok(())
     }
@@ -301,40 +323,46 @@ struct HeadCarry<T> {
 /// Stage 3's state on one rank.
 pub(super) struct Zero3<T: Float> {
     pub comm: Arc<Communicator>,
-    pub op: ReduceOp,
+    pub reduce: GradReduce,
     pub layout: Zero3Layout,
     /// This rank's piece of every parameter, in the compute dtype.
     pub shards: Vec<T>,
     /// Persistent parameters, whole.
     pub resident: Vec<T>,
-    pub prefetch: bool,
+    pub fetch: FetchConfig,
     pub overlap: bool,
     /// Per slot: a tied parameter's gradient from later layers, until its owner's backward.
     tied: Vec<Option<Vec<f32>>>,
     head: Option<HeadCarry<T>>,
+    /// The step's fetch state, from forward to the end of backward.
+    fetcher: Option<Fetcher<T>>,
+    /// What the last finished step's fetching did.
+    pub fetch_stats: FetchStats,
 }
 
 impl<T: Float> Zero3<T> {
     pub fn new(
         comm: Arc<Communicator>,
-        op: ReduceOp,
+        reduce: GradReduce,
         layout: Zero3Layout,
         shards: Vec<T>,
         resident: Vec<T>,
-        prefetch: bool,
+        fetch: FetchConfig,
         overlap: bool,
     ) -> Self {
         let n = layout.slots.len();
         Zero3 {
             comm,
-            op,
+            reduce,
             layout,
             shards,
             resident,
-            prefetch,
+            fetch,
             overlap,
             tied: vec![None; n],
             head: None,
+            fetcher: None,
+            fetch_stats: FetchStats::default(),
         }
     }
 
@@ -425,16 +453,22 @@ impl<T: Float> Zero3<T> {
             src += p.numel;
             dst += p.len;
         }
+        self.reduce.scale_before(&mut send);
         let mut out = vec![0f32; piece];
         // SAFETY: `send` and `out` move with the Pending into the ReduceInFlight, which waits
         // before dropping them (field order) and before reading `out` (`finish_reduce`).
-        let pending = unsafe { self.comm.start_reduce_scatter(&send, &mut out, self.op)? };
+        let pending = unsafe {
+            self.comm
+                .start_reduce_scatter(&send, &mut out, self.reduce.op)?
+        };
         Ok(Some(ReduceInFlight {
             pending: Some(pending),
             _send: send,
             keep: out.len(),
             out,
+            from: 0,
             at,
+            scale: self.reduce.post,
         }))
     }
 
@@ -600,22 +634,17 @@ pub(super) fn forward<T: Float>(
     ctx: Option<&Ctx>,
 ) -> Result<Option<LossSum>, CommError> {
     let last = model.layers.len() - 1;
+    let numel = (0..=last).map(|l| z3.layout.gathered_numel(l)).collect();
+    let mut fetch = Fetcher::new(z3.fetch, numel);
     let mut flow = Flow::default();
-    let mut next = Some(z3.start_gather(0)?);
     for i in 0..=last {
-        let g = z3.finish_gather(next.take().expect("started"))?;
-        if z3.prefetch && i < last {
-            next = Some(z3.start_gather(i + 1)?);
-        }
+        let g = fetch.take(z3, i)?;
         if i < last {
             if let Some(ctx) = ctx {
                 let refs = views(&z3.layout, &z3.resident, &g);
                 model.layers[i].forward(&refs, &mut flow, ctx);
             }
-            drop(g);
-            if !z3.prefetch {
-                next = Some(z3.start_gather(i + 1)?);
-            }
+            fetch.release(i, g);
             continue;
         }
         let mut scratch = vec![0.0; scratch_len(&z3.layout, last)];
@@ -634,6 +663,7 @@ pub(super) fn forward<T: Float>(
             scratch,
         });
     }
+    z3.fetcher = Some(fetch);
     Ok(flow.loss)
 }
 
@@ -646,22 +676,20 @@ pub(super) fn backward<T: Float>(
     ctx: Option<&Ctx>,
 ) -> Result<(), CommError> {
     let last = model.layers.len() - 1;
-    let carry = z3.head.take().expect("backward follows forward");
+    let mut carry = Some(z3.head.take().expect("backward follows forward"));
+    let mut fetch = z3.fetcher.take().expect("backward follows forward");
     let mut flow = Flow::default();
     let mut reducing: Option<ReduceInFlight> = None;
-    let mut next: Option<InFlight<T>> = None;
-    let mut carry = Some(carry);
     for i in (0..=last).rev() {
+        // Trace position: the head's is `last`, then the layers below it in reverse.
+        let t = 2 * last - i;
         let (g, mut scratch) = match carry.take() {
             Some(c) => (c.gathered, c.scratch),
-            None => {
-                let g = z3.finish_gather(next.take().expect("started"))?;
-                (g, take_scratch(&z3.layout, &mut z3.tied, i))
-            }
+            None => (
+                fetch.take(z3, t)?,
+                take_scratch(&z3.layout, &mut z3.tied, i),
+            ),
         };
-        if z3.prefetch && i > 0 {
-            next = Some(z3.start_gather(i - 1)?);
-        }
         if let Some(ctx) = ctx {
             let refs = views(&z3.layout, &z3.resident, &g);
             let layer = &mut model.layers[i];
@@ -674,10 +702,7 @@ pub(super) fn backward<T: Float>(
             // its (zero) tied gradients to their owners.
             with_grad_views(&z3.layout, &mut z3.tied, i, &mut scratch, |_| {});
         }
-        drop(g);
-        if !z3.prefetch && i > 0 {
-            next = Some(z3.start_gather(i - 1)?);
-        }
+        fetch.release(t, g);
         finish_reduce(reducing.take(), grads)?;
         reducing = z3.start_reduce(i, &scratch)?;
         if !z3.overlap {
@@ -685,6 +710,7 @@ pub(super) fn backward<T: Float>(
         }
     }
     finish_reduce(reducing.take(), grads)?;
+    z3.fetch_stats = fetch.finish();
     debug_assert!(
         z3.tied.iter().all(Option::is_none),
         "every tied gradient reached its owner"
@@ -756,6 +782,11 @@ impl<T: Float> super::Engine<T> {
             Some(z3) => Ok(z3.gather_all(&self.model.layout)?),
             None => Ok(self.model.params.clone()),
         }
+    }
+
+    /// What stage 3's parameter fetching did in the last step (`None` below stage 3).
+    pub fn zero3_fetch_stats(&self) -> Option<FetchStats> {
+        self.z3.as_ref().map(|z| z.fetch_stats)
     }
 
     /// The stage-3 layout of this rank's pieces (`None` below stage 3).
