@@ -8,6 +8,7 @@
 //! Backends: `shm` (built in, one machine: processes exchanging through a mapped file in
 //! /dev/shm). Uneven sizes follow one rule, documented in `partition`.
 
+pub mod async_watchdog;
 pub mod communicator;
 pub mod elem;
 pub mod env;

@@ -4,14 +4,22 @@
 //!
 //! Same conventions as the host collectives: reduce_scatter's output is this rank's
 //! `ceil(n/ws)` piece, except that NCCL needs equal blocks, so the caller pads the input to
-//! `ws * output.len()` (ZeRO's flat buffers already are). Not done yet: the watchdog (NCCL
-//! calls are asynchronous on the stream; a stuck one needs ncclCommAbort from a monitor).
+//! `ws * output.len()` (ZeRO's flat buffers already are).
+//!
+//! Watchdog: NCCL calls only queue work on the stream, so each collective is recorded with a
+//! CUDA event, and `synchronize` polls the events (`async_watchdog`); one that does not finish
+//! within the timeout fails naming the operation, its size and the ranks that never queued it,
+//! and the communicator is aborted (ncclCommAbort), so every later call fails too instead of
+//! hanging. Only compiled here (CI has no GPU): run `cargo test -p rustspeed-comm --features
+//! cuda` on a machine with one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, NcclType, ReduceOp as NcclOp};
 
+use crate::async_watchdog::{wait_all, Progress, QueuedOp};
 use crate::communicator::Communicator;
 use crate::elem::ReduceOp;
 use crate::error::{CommError, ErrorKind, Result};
@@ -25,9 +33,31 @@ pub fn nccl_available() -> bool {
 
 /// One rank's NCCL communicator on one GPU.
 pub struct NcclComm {
-    comm: Comm,
+    /// None once aborted by the watchdog (dropping a cudarc `Comm` calls ncclCommAbort).
+    comm: Mutex<Option<Comm>>,
+    stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
+    /// A store client of its own, where ranks publish how many collectives they queued.
+    store: Store,
+    prefix: String,
+    timeout: Duration,
+    watch: Mutex<Watch>,
+}
+
+/// Collectives queued since the last `synchronize`, and the count published so far.
+#[derive(Default)]
+struct Watch {
+    queued: Vec<(QueuedOp, CudaEvent)>,
+    seq: u64,
+    published: u64,
+    failed: Option<CommError>,
+}
+
+/// "f32", "bf16", ... from the Rust type name.
+fn dtype_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    full.rsplit("::").next().unwrap_or(full)
 }
 
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> CommError {
@@ -75,9 +105,51 @@ impl NcclComm {
             }
             Id::uninit(raw)
         };
-        let comm = Comm::from_rank(stream, rank, world, id)
+        let comm = Comm::from_rank(stream.clone(), rank, world, id)
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-        Ok(NcclComm { comm, rank, world })
+        Ok(NcclComm {
+            comm: Mutex::new(Some(comm)),
+            stream,
+            rank,
+            world,
+            store: store.reconnect()?,
+            prefix: format!("rustspeed/nccl{generation}"),
+            timeout: store.timeout(),
+            watch: Mutex::new(Watch::default()),
+        })
+    }
+
+    /// Queues `call` as collective `name` of `count` elements, recording its completion event.
+    fn queue<T>(
+        &self,
+        name: &'static str,
+        count: usize,
+        call: impl FnOnce(&Comm) -> std::result::Result<(), cudarc::nccl::result::NcclError>,
+    ) -> Result<()> {
+        let mut w = self.watch.lock().unwrap();
+        if let Some(e) = &w.failed {
+            return Err(e.clone());
+        }
+        let guard = self.comm.lock().unwrap();
+        let comm = guard
+            .as_ref()
+            .expect("an aborted communicator has `failed` set");
+        call(comm).map_err(|e| nccl_err(name, e))?;
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| nccl_err("recording a completion event", e))?;
+        w.seq += 1;
+        let op = QueuedOp {
+            name,
+            seq: w.seq,
+            count,
+            elem_bytes: std::mem::size_of::<T>(),
+            dtype: dtype_name::<T>(),
+            queued_at: Instant::now(),
+        };
+        w.queued.push((op, event));
+        Ok(())
     }
 
     pub fn rank(&self) -> usize {
@@ -88,14 +160,48 @@ impl NcclComm {
     }
     /// The stream every collective is queued on (they are asynchronous to the host).
     pub fn stream(&self) -> Arc<CudaStream> {
-        self.comm.stream()
+        self.stream.clone()
     }
-    /// Waits until every queued collective has finished.
+
+    /// Waits until every queued collective has finished, or fails (and aborts the
+    /// communicator) when one does not finish within the watchdog timeout.
     pub fn synchronize(&self) -> Result<()> {
-        self.comm
-            .stream()
-            .synchronize()
-            .map_err(|e| nccl_err("stream synchronize", e))
+        let mut w = self.watch.lock().unwrap();
+        if let Some(e) = &w.failed {
+            return Err(e.clone());
+        }
+        let progress = Progress {
+            store: &self.store,
+            prefix: self.prefix.clone(),
+            rank: self.rank,
+            world: self.world,
+        };
+        let Watch {
+            queued,
+            seq,
+            published,
+            ..
+        } = &mut *w;
+        progress.publish(*seq, published)?;
+        let ops: Vec<QueuedOp> = queued.iter().map(|(op, _)| op.clone()).collect();
+        let r = wait_all(
+            &ops,
+            |i| {
+                queued[i]
+                    .1
+                    .try_is_complete()
+                    .map_err(|e| nccl_err("waiting for a collective", e))
+            },
+            self.timeout,
+            &progress,
+        );
+        queued.clear();
+        if let Err(e) = &r {
+            w.failed = Some(e.clone());
+            // ncclCommAbort: frees the peers' and our stuck kernels' resources.
+            drop(self.comm.lock().unwrap().take());
+        }
+        r
     }
 
     fn op(op: ReduceOp) -> NcclOp {
@@ -108,10 +214,10 @@ impl NcclComm {
 
     /// In place, queued on `stream()`.
     pub fn all_reduce<T: NcclType>(&self, buf: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
-        self.comm
-            .all_reduce_in_place(buf, &Self::op(op))
-            .map(|_| ())
-            .map_err(|e| nccl_err("all_reduce", e))
+        let n = buf.len();
+        self.queue::<T>("all_reduce", n, |c| {
+            c.all_reduce_in_place(buf, &Self::op(op)).map(|_| ())
+        })
     }
 
     /// `input.len()` must be `world_size * output.len()` (pad the flat buffer).
@@ -129,10 +235,9 @@ impl NcclComm {
                 output.len()
             )));
         }
-        self.comm
-            .reduce_scatter(input, output, &Self::op(op))
-            .map(|_| ())
-            .map_err(|e| nccl_err("reduce_scatter", e))
+        self.queue::<T>("reduce_scatter", input.len(), |c| {
+            c.reduce_scatter(input, output, &Self::op(op)).map(|_| ())
+        })
     }
 
     /// `output.len()` must be `world_size * input.len()`.
@@ -149,10 +254,8 @@ impl NcclComm {
                 input.len()
             )));
         }
-        self.comm
-            .all_gather(input, output)
-            .map(|_| ())
-            .map_err(|e| nccl_err("all_gather", e))
+        let n = output.len();
+        self.queue::<T>("all_gather", n, |c| c.all_gather(input, output).map(|_| ()))
     }
 
     /// In place from `root`.
@@ -163,9 +266,9 @@ impl NcclComm {
                 self.world
             )));
         }
-        self.comm
-            .broadcast_in_place(buf, root as i32)
-            .map(|_| ())
-            .map_err(|e| nccl_err("broadcast", e))
+        let n = buf.len();
+        self.queue::<T>("broadcast", n, |c| {
+            c.broadcast_in_place(buf, root as i32).map(|_| ())
+        })
     }
 }

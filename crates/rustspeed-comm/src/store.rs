@@ -243,6 +243,12 @@ impl Store {
         )))
     }
 
+    /// Another client of the same store (a connection of its own, e.g. for a second thread).
+    pub fn reconnect(&self) -> Result<Store> {
+        let (host, port) = self.addr.rsplit_once(':').unwrap_or((&self.addr, "0"));
+        Store::connect(host, port.parse().unwrap_or(0), false, self.timeout)
+    }
+
     /// Starts a server on a free local port and connects to it (tests, single-machine tools).
     pub fn local_server(timeout: Duration) -> Result<Store> {
         Self::connect("127.0.0.1", 0, true, timeout)
