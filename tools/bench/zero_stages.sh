@@ -20,11 +20,17 @@ with open(sys.argv[1], "w") as f:
     for i in range(400):
         f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(200))}) + "\n")
 PY
+# "3low": stage 3 with DeepSpeed's low-memory knobs (re-gather in backward, little prefetch);
+# with the defaults (max_reuse_distance 1e9) a 124M model keeps every layer gathered from its
+# forward to its backward, as DeepSpeed does.
 for world in 1 2; do
-  for stage in 0 1 2 3; do
+  for stage in 0 1 2 3 3low; do
+    [ "$stage" = 3low ] && [ "$world" = 1 ] && continue
     cfg=$work/ds-$stage.json
+    zero="\"stage\": $stage"
+    [ "$stage" = 3low ] && zero='"stage": 3, "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 1e7'
     printf '{"train_batch_size": 4, "gradient_accumulation_steps": 1, "bf16": {"enabled": true},
-      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": {"stage": %s}}' "$stage" > "$cfg"
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": {%s}}' "$zero" > "$cfg"
     out=$work/out-$world-$stage
     extra=()
     [ "$world" -gt 1 ] && extra=(--nproc-per-node "$world")

@@ -143,6 +143,15 @@ fn timed_out(op: &QueuedOp, timeout: Duration, progress: &Progress<'_>) -> CommE
 mod tests {
     use super::*;
 
+    fn progress(store: &Store, rank: usize, world: usize) -> Progress<'_> {
+        Progress {
+            store,
+            prefix: "comm7".into(),
+            rank,
+            world,
+        }
+    }
+
     fn op(seq: u64) -> QueuedOp {
         QueuedOp {
             name: "all_reduce(sum)",
@@ -157,12 +166,7 @@ mod tests {
     #[test]
     fn finished_ops_return_at_once() {
         let store = Store::local_server(Duration::from_secs(5)).unwrap();
-        let p = Progress {
-            store: &store,
-            prefix: "t".into(),
-            rank: 0,
-            world: 2,
-        };
+        let p = progress(&store, 0, 2);
         let mut polls = 0;
         let ops = [op(1), op(2)];
         wait_all(
@@ -182,12 +186,7 @@ mod tests {
     #[test]
     fn a_stuck_collective_names_op_size_and_missing_ranks() {
         let store = Store::local_server(Duration::from_secs(5)).unwrap();
-        let progress = |rank| Progress {
-            store: &store,
-            prefix: "comm7".into(),
-            rank,
-            world: 3,
-        };
+        let progress = |rank| progress(&store, rank, 3);
         let (mut p0, mut p1, mut p2) = (0, 0, 0);
         progress(0).publish(3, &mut p0).unwrap();
         progress(1).publish(2, &mut p1).unwrap();
@@ -225,12 +224,7 @@ mod tests {
     #[test]
     fn device_errors_end_the_wait() {
         let store = Store::local_server(Duration::from_secs(5)).unwrap();
-        let p = Progress {
-            store: &store,
-            prefix: "t".into(),
-            rank: 0,
-            world: 2,
-        };
+        let p = progress(&store, 0, 2);
         let e = wait_all(
             &[op(1)],
             |_| {

@@ -6,12 +6,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use half::bf16;
 use rustspeed::engine::{Engine, EngineOptions};
-use rustspeed_comm::{CommConfig, Communicator};
 use rustspeed_kernels::Float;
 use rustspeed_models::Batch;
 
@@ -73,65 +70,41 @@ fn run_json<T: Float>(
     save: Option<&std::path::Path>,
 ) -> Run {
     let data = data();
-    let comms: Vec<Option<Arc<Communicator>>> = if world == 1 {
-        vec![None]
-    } else {
-        Communicator::local_group(world, CommConfig::default())
-            .unwrap()
-            .into_iter()
-            .map(|c| Some(Arc::new(c)))
-            .collect()
-    };
     let cfg = config_for_world(json, world as u64);
-    let results: Vec<Run> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, data, steps) = (&cfg, &data, steps.clone());
-                s.spawn(move || {
-                    let built = tiny_model::<T>(3, true);
-                    let options = EngineOptions {
-                        comm,
-                        ..EngineOptions::default()
-                    };
-                    let mut e = Engine::initialize(built.model, cfg, options).unwrap();
-                    if let Some(dir) = load {
-                        e.load_checkpoint(dir, None).unwrap().unwrap();
-                    }
-                    let (mut losses, mut norms) = (Vec::new(), Vec::new());
-                    for step in &data[steps.clone()] {
-                        // Contiguous rank shares of the global batch, as the data crate cuts them.
-                        let per = GLOBAL / world;
-                        let mine: Vec<Batch> = step[rank * per..(rank + 1) * per].to_vec();
-                        let r = e.train_partial_batch(mine).unwrap();
-                        losses.push(r.loss);
-                        norms.push(r.step.grad_norm);
-                    }
-                    if let Some(dir) = save {
-                        e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
-                    }
-                    if cfg.zero_stage() >= 2 && world > 1 {
-                        // Only this rank's partition of the gradients, never the full buffer.
-                        let flat = e.flat_layout().numel;
-                        assert!(e.grads().len() <= flat.div_ceil(world) + 2 * world);
-                    }
-                    if cfg.zero_stage() == 3 && world > 1 {
-                        assert!(
-                            e.model().params.is_empty(),
-                            "stage 3 must not keep the whole parameters"
-                        );
-                    }
-                    Run {
-                        losses,
-                        norms,
-                        // A collective at stage 3: every rank gathers.
-                        params: f32s(&e.full_params().unwrap()),
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results: Vec<Run> = on_ranks(world, |rank, options| {
+        let mut e = Engine::initialize(tiny_model::<T>(3, true).model, &cfg, options).unwrap();
+        if let Some(dir) = load {
+            e.load_checkpoint(dir, None).unwrap().unwrap();
+        }
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        for step in &data[steps.clone()] {
+            // Contiguous rank shares of the global batch, as the data crate cuts them.
+            let per = GLOBAL / world;
+            let mine: Vec<Batch> = step[rank * per..(rank + 1) * per].to_vec();
+            let r = e.train_partial_batch(mine).unwrap();
+            losses.push(r.loss);
+            norms.push(r.step.grad_norm);
+        }
+        if let Some(dir) = save {
+            e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
+        }
+        if cfg.zero_stage() >= 2 && world > 1 {
+            // Only this rank's partition of the gradients, never the full buffer.
+            let flat = e.flat_layout().numel;
+            assert!(e.grads().len() <= flat.div_ceil(world) + 2 * world);
+        }
+        if cfg.zero_stage() == 3 && world > 1 {
+            assert!(
+                e.model().params.is_empty(),
+                "stage 3 must not keep the whole parameters"
+            );
+        }
+        Run {
+            losses,
+            norms,
+            // A collective at stage 3: every rank gathers.
+            params: f32s(&e.full_params().unwrap()),
+        }
     });
     for r in &results[1..] {
         assert_eq!(r.params, results[0].params, "ranks disagree on the weights");
@@ -259,39 +232,23 @@ fn uneven_partial_step(stage: u8) {
         (r.loss, r.step.grad_norm, r2.loss, f32s(&e.model().params))
     };
     let cfg = config_for_world(&json(stage, ""), 2);
-    let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
-    let got: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, c)| {
-                let (cfg, data) = (&cfg, &data);
-                s.spawn(move || {
-                    let options = EngineOptions {
-                        comm: Some(Arc::new(c)),
-                        ..EngineOptions::default()
-                    };
-                    let mut e =
-                        Engine::initialize(tiny_model::<f32>(3, true).model, cfg, options).unwrap();
-                    let mine = if rank == 0 {
-                        data[0][..2].to_vec()
-                    } else {
-                        data[0][2..3].to_vec()
-                    };
-                    let r = e.train_partial_batch(mine).unwrap();
-                    let r2 = e
-                        .train_partial_batch(data[1][rank * 2..rank * 2 + 2].to_vec())
-                        .unwrap();
-                    (
-                        r.loss,
-                        r.step.grad_norm,
-                        r2.loss,
-                        f32s(&e.full_params().unwrap()),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let got = on_ranks(2, |rank, options| {
+        let mut e = Engine::initialize(tiny_model::<f32>(3, true).model, &cfg, options).unwrap();
+        let mine = if rank == 0 {
+            data[0][..2].to_vec()
+        } else {
+            data[0][2..3].to_vec()
+        };
+        let r = e.train_partial_batch(mine).unwrap();
+        let r2 = e
+            .train_partial_batch(data[1][rank * 2..rank * 2 + 2].to_vec())
+            .unwrap();
+        (
+            r.loss,
+            r.step.grad_norm,
+            r2.loss,
+            f32s(&e.full_params().unwrap()),
+        )
     });
     for g in &got {
         assert!(
@@ -480,36 +437,14 @@ fn checkpoint_moves(save_stage: u8) {
 fn model_state_bytes_per_rank_match_the_memory_model() {
     fn check<T: Float>(world: usize, stage: u8, zero: &str, extra: &str) -> Vec<u64> {
         let cfg = config_for_world(&json_zero(stage, zero, extra), world as u64);
-        let comms: Vec<Option<Arc<Communicator>>> = if world == 1 {
-            vec![None]
-        } else {
-            Communicator::local_group(world, CommConfig::default())
-                .unwrap()
-                .into_iter()
-                .map(|c| Some(Arc::new(c)))
-                .collect()
-        };
-        std::thread::scope(|s| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .map(|comm| {
-                    let cfg = &cfg;
-                    s.spawn(move || {
-                        let options = EngineOptions {
-                            comm,
-                            ..EngineOptions::default()
-                        };
-                        // ln_f frozen: 1296 trainable + 16 frozen elements.
-                        let model = tiny_model::<T>(3, false).model;
-                        let e = Engine::initialize(model, cfg, options).unwrap();
-                        let got = e.model_state_bytes();
-                        let want = e.expected_model_state_bytes().unwrap();
-                        assert_eq!(got, want, "world {world} stage {stage} {zero} {extra}");
-                        got.total
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        on_ranks(world, |_, options| {
+            // ln_f frozen: 1296 trainable + 16 frozen elements.
+            let model = tiny_model::<T>(3, false).model;
+            let e = Engine::initialize(model, &cfg, options).unwrap();
+            let got = e.model_state_bytes();
+            let want = e.expected_model_state_bytes().unwrap();
+            assert_eq!(got, want, "world {world} stage {stage} {zero} {extra}");
+            got.total
         })
     }
     let bf = r#", "bf16": {"enabled": true}"#;
@@ -556,26 +491,10 @@ fn checkpoint_tag_validation_over_ranks() {
             &format!(r#", "checkpoint": {{"tag_validation": "{mode}"}}"#),
         );
         let cfg = config_for_world(&json, 2);
-        let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
-        let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, comm)| {
-                    let (cfg, dir) = (&cfg, &dir);
-                    s.spawn(move || {
-                        let options = EngineOptions {
-                            comm: Some(Arc::new(comm)),
-                            ..EngineOptions::default()
-                        };
-                        let built = tiny_model::<f32>(3, true);
-                        let e = Engine::initialize(built.model, cfg, options).unwrap();
-                        e.save_checkpoint(dir, Some(&format!("tag{rank}")), serde_json::json!({}))
-                            .map_err(|e| e.to_string())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = on_ranks(2, |rank, options| {
+            let e = Engine::initialize(tiny_model::<f32>(3, true).model, &cfg, options).unwrap();
+            e.save_checkpoint(&dir, Some(&format!("tag{rank}")), serde_json::json!({}))
+                .map_err(|e| e.to_string())
         });
         if mode == "Fail" {
             for r in &results {

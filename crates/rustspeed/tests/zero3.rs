@@ -7,10 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{config_for_world, f32s};
+use common::{config_for_world, f32s, on_ranks};
 use half::bf16;
-use rustspeed::engine::{Engine, EngineOptions};
-use rustspeed_comm::{CommConfig, Communicator};
+use rustspeed::engine::Engine;
 use rustspeed_kernels::Float;
 use rustspeed_models::hf_config::ModelConfig;
 use rustspeed_models::{gpt2, Batch, Ctx, Flow, Layer, LossSum, Model, ParamSpec};
@@ -133,66 +132,49 @@ fn t7<T: Float>(zero: &str, extra: &str) {
     let cfg = config_for_world(&json, 2);
     // One labelled position: the loss's gradient scale is 1.
     let batch = Batch::from_hf_labels(1, 2, vec![1, 1], &[1, 1]);
-    let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, c)| {
-                let (cfg, batch) = (&cfg, &batch);
-                s.spawn(move || {
-                    let (model, outs) = t7_model::<T>();
-                    let options = EngineOptions {
-                        comm: Some(Arc::new(c)),
-                        ..EngineOptions::default()
-                    };
-                    let mut e = Engine::initialize(model, cfg, options).unwrap();
-                    let z = e.zero3_layout().unwrap();
-                    // ceil(15 / 2) = 8 per rank; rank 1 holds 7 and one zero pad.
-                    assert!(z.slots.iter().all(|p| p.len == 8 && p.numel == 15));
-                    assert_eq!(z.train_numel, 24);
-                    for iter in 0..2u32 {
-                        let loss = e.forward(batch).unwrap();
-                        let row = |a: f32, b: f32| {
-                            let mut v = vec![a; 8];
-                            v.extend([b; 7]);
-                            v
-                        };
-                        assert_eq!(*outs[0].lock().unwrap(), row(1.0, 2.0), "hidden1");
-                        assert_eq!(*outs[1].lock().unwrap(), row(2.0, 8.0), "hidden2");
-                        assert_eq!(*outs[2].lock().unwrap(), row(6.0, 48.0), "y_hat");
-                        assert_eq!(loss, 5.0 * 8.0 + 47.0 * 7.0, "summed L1 loss");
-                        e.backward().unwrap();
-                        // Gradient partitions in model order (w1, w2, w3), accumulating over
-                        // iterations without a step (T7's x (iter + 1)).
-                        let k = (iter + 1) as f32;
-                        let piece = |v: f32| -> Vec<f32> {
-                            if rank == 0 {
-                                vec![v * k; 8]
-                            } else {
-                                let mut p = vec![v * k; 7];
-                                p.push(0.0);
-                                p
-                            }
-                        };
-                        let want: Vec<f32> = if rank == 0 {
-                            [piece(6.0), piece(3.0), piece(2.0)].concat()
-                        } else {
-                            [piece(24.0), piece(12.0), piece(8.0)].concat()
-                        };
-                        assert_eq!(e.grads(), &want[..], "rank {rank} iteration {iter}");
-                    }
-                    let out = e.step().unwrap().expect("gas 1: a boundary");
-                    assert!(out.grad_norm > 0.0);
-                    // After the step no rank holds a whole parameter.
-                    assert!(e.model().params.is_empty());
-                    assert!(e.grads().iter().all(|&g| g == 0.0));
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
+    on_ranks(2, |rank, options| {
+        let (model, outs) = t7_model::<T>();
+        let mut e = Engine::initialize(model, &cfg, options).unwrap();
+        let z = e.zero3_layout().unwrap();
+        // ceil(15 / 2) = 8 per rank; rank 1 holds 7 and one zero pad.
+        assert!(z.slots.iter().all(|p| p.len == 8 && p.numel == 15));
+        assert_eq!(z.train_numel, 24);
+        for iter in 0..2u32 {
+            let loss = e.forward(&batch).unwrap();
+            let row = |a: f32, b: f32| {
+                let mut v = vec![a; 8];
+                v.extend([b; 7]);
+                v
+            };
+            assert_eq!(*outs[0].lock().unwrap(), row(1.0, 2.0), "hidden1");
+            assert_eq!(*outs[1].lock().unwrap(), row(2.0, 8.0), "hidden2");
+            assert_eq!(*outs[2].lock().unwrap(), row(6.0, 48.0), "y_hat");
+            assert_eq!(loss, 5.0 * 8.0 + 47.0 * 7.0, "summed L1 loss");
+            e.backward().unwrap();
+            // Gradient partitions in model order (w1, w2, w3), accumulating over
+            // iterations without a step (T7's x (iter + 1)).
+            let k = (iter + 1) as f32;
+            let piece = |v: f32| -> Vec<f32> {
+                if rank == 0 {
+                    vec![v * k; 8]
+                } else {
+                    let mut p = vec![v * k; 7];
+                    p.push(0.0);
+                    p
+                }
+            };
+            let want: Vec<f32> = if rank == 0 {
+                [piece(6.0), piece(3.0), piece(2.0)].concat()
+            } else {
+                [piece(24.0), piece(12.0), piece(8.0)].concat()
+            };
+            assert_eq!(e.grads(), &want[..], "rank {rank} iteration {iter}");
         }
+        let out = e.step().unwrap().expect("gas 1: a boundary");
+        assert!(out.grad_norm > 0.0);
+        // After the step no rank holds a whole parameter.
+        assert!(e.model().params.is_empty());
+        assert!(e.grads().iter().all(|&g| g == 0.0));
     });
 }
 
@@ -245,46 +227,22 @@ fn gpt2_batch(k: u32) -> Batch {
 /// (losses, grad norms, final weights) of 3 steps of 4 sequences on `world` ranks.
 fn gpt2_run(world: usize, json: &str, checkpointing: bool) -> (Vec<f32>, Vec<f64>, Vec<f32>) {
     let cfg = config_for_world(json, world as u64);
-    let comms: Vec<Option<Arc<Communicator>>> = if world == 1 {
-        vec![None]
-    } else {
-        Communicator::local_group(world, CommConfig::default())
-            .unwrap()
-            .into_iter()
-            .map(|c| Some(Arc::new(c)))
-            .collect()
-    };
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let options = EngineOptions {
-                        comm,
-                        ..EngineOptions::default()
-                    };
-                    let mut e =
-                        Engine::initialize(tiny_gpt2::<f32>(checkpointing), cfg, options).unwrap();
-                    let (mut losses, mut norms) = (Vec::new(), Vec::new());
-                    let per = 4 / world;
-                    for step in 0..3u32 {
-                        let mine: Vec<Batch> = (0..per)
-                            .map(|i| gpt2_batch(step * 4 + (rank * per + i) as u32))
-                            .collect();
-                        let r = e.train_partial_batch(mine).unwrap();
-                        losses.push(r.loss);
-                        norms.push(r.step.grad_norm);
-                    }
-                    // Evaluation gathers the layers on every rank.
-                    let eval = e.eval_loss(&gpt2_batch(99)).unwrap();
-                    losses.push(eval.mean() as f32);
-                    (losses, norms, f32s(&e.full_params().unwrap()))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_ranks(world, |rank, options| {
+        let mut e = Engine::initialize(tiny_gpt2::<f32>(checkpointing), &cfg, options).unwrap();
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        let per = 4 / world;
+        for step in 0..3u32 {
+            let mine: Vec<Batch> = (0..per)
+                .map(|i| gpt2_batch(step * 4 + (rank * per + i) as u32))
+                .collect();
+            let r = e.train_partial_batch(mine).unwrap();
+            losses.push(r.loss);
+            norms.push(r.step.grad_norm);
+        }
+        // Evaluation gathers the layers on every rank.
+        let eval = e.eval_loss(&gpt2_batch(99)).unwrap();
+        losses.push(eval.mean() as f32);
+        (losses, norms, f32s(&e.full_params().unwrap()))
     });
     results.into_iter().next().unwrap()
 }
@@ -346,31 +304,16 @@ fn gpt2_fetch(zero: &str) -> (f32, rustspeed::engine::FetchStats, Vec<u64>) {
             "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0 {zero}}}}}"#
     );
     let cfg = config_for_world(&json, 2);
-    let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
-    let mut out: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let options = EngineOptions {
-                        comm: Some(Arc::new(comm)),
-                        ..EngineOptions::default()
-                    };
-                    let mut e = Engine::initialize(tiny_gpt2::<f32>(false), cfg, options).unwrap();
-                    let r = e
-                        .train_partial_batch(vec![gpt2_batch(rank as u32)])
-                        .unwrap();
-                    let z = e.zero3_layout().unwrap();
-                    let numel = (0..z.layer_slots.len())
-                        .map(|l| z.gathered_numel(l))
-                        .collect();
-                    (r.loss, e.zero3_fetch_stats().unwrap(), numel)
-                })
-            })
+    let mut out = on_ranks(2, |rank, options| {
+        let mut e = Engine::initialize(tiny_gpt2::<f32>(false), &cfg, options).unwrap();
+        let r = e
+            .train_partial_batch(vec![gpt2_batch(rank as u32)])
+            .unwrap();
+        let z = e.zero3_layout().unwrap();
+        let numel = (0..z.layer_slots.len())
+            .map(|l| z.gathered_numel(l))
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+        (r.loss, e.zero3_fetch_stats().unwrap(), numel)
     });
     out.swap_remove(0)
 }

@@ -8,13 +8,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{config_for_world, scratch_dir, Rng};
+use common::{config_for_world, on_ranks, scratch_dir, Rng};
 use half::bf16;
 use rustspeed::consolidate::{consolidate_fp32, save_fp32_state, ConsolidateError};
-use rustspeed::engine::{Engine, EngineOptions};
-use rustspeed_comm::{CommConfig, Communicator};
+use rustspeed::engine::Engine;
 use rustspeed_kernels::{DType, Float};
 use rustspeed_models::{Batch, Ctx, Flow, Layer, LossSum, Model, ParamSpec, IGNORE_INDEX};
 
@@ -208,44 +205,29 @@ fn train_and_save<T: Float>(
         .replace("PRECISION", precision)
         .replace("STAGE", &stage.to_string());
     let cfg = config_for_world(&json, 2);
-    let comms = Communicator::local_group(2, CommConfig::default()).unwrap();
     let mut rng = Rng::new(5);
     let data: Vec<Vec<Batch>> = (0..3)
         .map(|_| (0..4).map(|_| batch(&mut rng)).collect())
         .collect();
     type Placed = (std::ops::Range<usize>, usize);
-    let pieces: Vec<(Vec<Placed>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, data) = (&cfg, &data);
-                s.spawn(move || {
-                    let options = EngineOptions {
-                        comm: Some(Arc::new(comm)),
-                        ..EngineOptions::default()
-                    };
-                    let mut e = Engine::initialize(model::<T>(frozen), cfg, options).unwrap();
-                    for step in data {
-                        e.train_partial_batch(step[rank * 2..rank * 2 + 2].to_vec())
-                            .unwrap();
-                    }
-                    e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
-                    let params = e
-                        .full_params()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_f32())
-                        .collect();
-                    let ranges = match e.zero3_layout() {
-                        Some(z) => z.train_ranges(),
-                        None => vec![(e.optimizer().partition.clone(), 0)],
-                    };
-                    (ranges, e.master_weights().to_vec(), params)
-                })
-            })
+    let pieces: Vec<(Vec<Placed>, Vec<f32>, Vec<f32>)> = on_ranks(2, |rank, options| {
+        let mut e = Engine::initialize(model::<T>(frozen), &cfg, options).unwrap();
+        for step in &data {
+            e.train_partial_batch(step[rank * 2..rank * 2 + 2].to_vec())
+                .unwrap();
+        }
+        e.save_checkpoint(dir, None, serde_json::json!({})).unwrap();
+        let params = e
+            .full_params()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let ranges = match e.zero3_layout() {
+            Some(z) => z.train_ranges(),
+            None => vec![(e.optimizer().partition.clone(), 0)],
+        };
+        (ranges, e.master_weights().to_vec(), params)
     });
     let model_params = pieces[0].2.clone();
     if T::DTYPE == DType::F32 {

@@ -326,3 +326,39 @@ pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+/// Runs `f(rank, options)` on `world` ranks: threads, each with its own shared-memory
+/// communicator in `options` (world 1: none), as processes would have. Returns the results in
+/// rank order.
+pub fn on_ranks<R: Send>(
+    world: usize,
+    f: impl Fn(usize, rustspeed::engine::EngineOptions) -> R + Sync,
+) -> Vec<R> {
+    use rustspeed_comm::{CommConfig, Communicator};
+    let comms: Vec<Option<Arc<Communicator>>> = if world == 1 {
+        vec![None]
+    } else {
+        Communicator::local_group(world, CommConfig::default())
+            .unwrap()
+            .into_iter()
+            .map(|c| Some(Arc::new(c)))
+            .collect()
+    };
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                s.spawn(move || {
+                    let options = rustspeed::engine::EngineOptions {
+                        comm,
+                        ..Default::default()
+                    };
+                    f(rank, options)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
