@@ -241,18 +241,7 @@ pub fn logits<T: Float>(
     if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
         panic!("gpt2::logits: row {bad} requested, the batch has {n} rows");
     }
-    let ctx = Ctx {
-        batch,
-        train: false,
-        dropout_seed: 0,
-        grad_scale: 1.0,
-    };
-    let mut flow = Flow::default();
-    let head = model.layers.len() - 1;
-    for i in 0..head {
-        let views = model.layout.layer_views(i, &model.params);
-        model.layers[i].forward(&views, &mut flow, &ctx);
-    }
+    let flow = model.forward_to_head(batch);
     let d = cfg.hidden_size;
     let weight_name = if cfg.tie_word_embeddings {
         WTE

@@ -214,18 +214,7 @@ pub fn logits<T: Float>(
     batch: &Batch,
     rows: &[usize],
 ) -> Result<Vec<f32>, ModelError> {
-    let ctx = Ctx {
-        batch,
-        train: false,
-        dropout_seed: 0,
-        grad_scale: 1.0,
-    };
-    let mut flow = Flow::default();
-    let head = model.layers.len() - 1;
-    for i in 0..head {
-        let views = model.layout.layer_views(i, &model.params);
-        model.layers[i].forward(&views, &mut flow, &ctx);
-    }
+    let flow = model.forward_to_head(batch);
     let d = cfg.hidden_size;
     let n = batch.rows();
     let norm = model

@@ -24,6 +24,23 @@ pub struct Model<T: Float> {
 }
 
 impl<T: Float> Model<T> {
+    /// Runs every layer but the head in evaluation mode (no dropout) and returns the flow the
+    /// head would read: its final hidden states. For logits (parity tests, generation).
+    pub fn forward_to_head(&mut self, batch: &Batch) -> Flow<T> {
+        let ctx = Ctx {
+            batch,
+            train: false,
+            dropout_seed: 0,
+            grad_scale: 1.0,
+        };
+        let mut flow = Flow::default();
+        for i in 0..self.layers.len() - 1 {
+            let views = self.layout.layer_views(i, &self.params);
+            self.layers[i].forward(&views, &mut flow, &ctx);
+        }
+        flow
+    }
+
     /// Lays out the layers' parameters in one zeroed buffer.
     pub fn new(layers: Vec<Box<dyn Layer<T>>>) -> Result<Self, LayoutError> {
         let own: Vec<_> = layers.iter().map(|l| l.own_params()).collect();
