@@ -22,6 +22,8 @@ pub use prompt_config::{PromptInit, PromptKind, PromptTuningConfig};
 pub use targets::LoraModule;
 
 use crate::error::ModelError;
+use serde_json::Value;
+
 use crate::export::ExportError;
 use crate::weights::WeightsError;
 
@@ -56,6 +58,28 @@ pub enum PeftError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Export(#[from] ExportError),
+}
+
+impl PeftError {
+    /// `file`'s `key` holds `value`, not what `expected` says.
+    pub(crate) fn invalid(file: &str, key: &str, value: &Value, expected: &str) -> PeftError {
+        PeftError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// `file`'s `key` = `value` is PEFT's but not implemented here (`hint`: what is).
+    pub(crate) fn unsupported(file: &str, key: &str, value: &Value, hint: &str) -> PeftError {
+        PeftError::Unsupported {
+            file: file.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            hint: hint.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -139,18 +139,9 @@ impl PromptTuningConfig {
             file: file.to_string(),
             message: e.to_string(),
         })?;
-        let bad = |key: &str, v: &Value, expected: &str| PeftError::Invalid {
-            file: file.to_string(),
-            key: key.to_string(),
-            value: v.to_string(),
-            expected: expected.to_string(),
-        };
-        let unsupported = |key: &str, v: &Value, hint: &str| PeftError::Unsupported {
-            file: file.to_string(),
-            key: key.to_string(),
-            value: v.to_string(),
-            hint: hint.to_string(),
-        };
+        let bad = |key: &str, v: &Value, expected: &str| PeftError::invalid(file, key, v, expected);
+        let unsupported =
+            |key: &str, v: &Value, hint: &str| PeftError::unsupported(file, key, v, hint);
         let expected_types = "\"PROMPT_TUNING\", \"P_TUNING\" or \"PREFIX_TUNING\"";
         let kind = match map.get("peft_type") {
             Some(Value::String(t)) if t == "PROMPT_TUNING" => PromptKind::PromptTuning,
