@@ -35,6 +35,19 @@ fn check<T: Elem + PartialEq + std::fmt::Debug>(comm: &Communicator, n: usize) {
     let mut b = inputs[me].clone();
     comm.broadcast(&mut b, ws - 1).unwrap();
     assert_eq!(b, inputs[ws - 1]);
+    // Shared buffers are plain memory under MPI: the calls fall back to the ordinary ones.
+    let mut sb = comm.alloc_shared::<T>(n).unwrap();
+    assert!(!sb.is_mapped());
+    sb.copy_from_slice(&inputs[me]);
+    comm.all_reduce_shared(&mut sb, ReduceOp::Sum).unwrap();
+    assert_eq!(&sb[..], &reduce_reference(&inputs, ReduceOp::Sum)[..]);
+    let mine = rustspeed_comm::partition_range(n, ws, me);
+    sb.fill(T::default());
+    sb[mine.clone()].copy_from_slice(&inputs[me][mine]);
+    comm.all_gather_shared(&mut sb).unwrap();
+    let c = partition_len(n, ws);
+    let want: Vec<T> = (0..n).map(|i| inputs[i / c][i]).collect();
+    assert_eq!(&sb[..], &want[..], "all_gather_shared n={n}");
 }
 
 #[test]
