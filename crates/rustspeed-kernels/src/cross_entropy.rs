@@ -21,8 +21,11 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Rows go parallel above this many logits.
 const PARALLEL_MIN_ELEMS: usize = 1 << 14;
-/// Logits held at once by the fused kernel (f32 elements; 32 MiB).
-const CHUNK_ELEMS: usize = 1 << 23;
+/// Logits held at once by the fused kernel (f32 elements; 128 MiB). Every chunk re-reads and
+/// re-packs the whole head weight in each of its three matmuls (154 MB for GPT-2 in f32), so
+/// one chunk for a B=4, T=128 batch instead of four took 0.44 to 0.39 s off the 23M model's step;
+/// PyTorch holds all the logits and their gradient (2 x 103 MB there).
+const CHUNK_ELEMS: usize = 1 << 25;
 
 /// A label type: HF passes `int64`, token buffers are often `i32`.
 pub trait Label: Copy + Send + Sync {
@@ -261,9 +264,14 @@ pub fn softmax_cross_entropy_backward<T: Float, L: Label>(
     Ok(())
 }
 
-/// Rows per chunk of the fused kernel for a vocabulary of `v`: about 32 MiB of f32 logits.
+/// Rows per chunk of the fused kernel for a vocabulary of `v`: about 128 MiB of f32 logits.
 pub fn chunk_rows(v: usize) -> usize {
-    (CHUNK_ELEMS / v.max(1)).clamp(8, 256)
+    chunk_rows_within(v, CHUNK_ELEMS)
+}
+
+/// Rows per chunk when `budget` f32 logits may be held at once (tests use small budgets).
+fn chunk_rows_within(v: usize, budget: usize) -> usize {
+    (budget / v.max(1)).clamp(8, 1024)
 }
 
 fn check_fused<T, L>(h: &[T], weight: &[T], labels: &[L], n: usize, c: usize, v: usize) {
@@ -301,10 +309,11 @@ fn fused<T: Float, G: Float, L: Label>(
     v: usize,
     grad_scale: f32,
     scratch: &mut Vec<f32>,
+    budget: usize,
 ) -> Result<CrossEntropyStats, CrossEntropyError> {
     check_fused(h, weight, labels, n, c, v);
     let count = check_labels(labels, v)?;
-    let chunk = chunk_rows(v);
+    let chunk = chunk_rows_within(v, budget);
     let need = chunk.min(n) * v;
     if let (Some((dh, dweight)), Some(w16), Some(h16), true) = (
         grads.as_mut(),
@@ -313,7 +322,7 @@ fn fused<T: Float, G: Float, L: Label>(
         bf16_gemm::available(),
     ) {
         // The bf16 dlogits of a gradient chunk live after the f32 logits, in the same scratch.
-        let gchunk = grad_chunk_rows(v).max(chunk);
+        let gchunk = grad_chunk_rows(v, budget).max(chunk);
         let gneed = gchunk.min(n) * v;
         if scratch.len() < need + gneed.div_ceil(2) {
             scratch.resize(need + gneed.div_ceil(2), 0.0);
@@ -381,11 +390,11 @@ struct Rows {
     gchunk: usize,
 }
 
-/// Rows per gradient chunk of the bf16 path: 32 MiB of bf16 dlogits, as many bytes as the f32
-/// logits chunk. `dW += dlogits^T h` reads and writes all of `dW` (f32, vocab x hidden) once per
+/// Rows per gradient chunk of the bf16 path: `2 * budget` bf16 dlogits, as many bytes as the
+/// f32 logits chunk. `dW += dlogits^T h` reads and writes all of `dW` (f32, vocab x hidden) once per
 /// gradient chunk, so fewer, taller chunks save that traffic: for GPT-2, 154 MB each way.
-fn grad_chunk_rows(v: usize) -> usize {
-    ((2 * CHUNK_ELEMS) / v.max(1)).clamp(8, 1024)
+fn grad_chunk_rows(v: usize, budget: usize) -> usize {
+    ((2 * budget) / v.max(1)).clamp(8, 1024)
 }
 
 /// The fused kernel with bf16 weight and hidden states: dlogits are rounded to bf16 (as
@@ -501,6 +510,7 @@ pub fn lm_head_cross_entropy<T: Float, G: Float, L: Label>(
         v,
         grad_scale,
         scratch,
+        CHUNK_ELEMS,
     )
 }
 
@@ -514,7 +524,7 @@ pub fn lm_head_cross_entropy_loss<T: Float, L: Label>(
     v: usize,
     scratch: &mut Vec<f32>,
 ) -> Result<CrossEntropyStats, CrossEntropyError> {
-    fused::<T, f32, L>(None, h, weight, labels, n, c, v, 0.0, scratch)
+    fused::<T, f32, L>(None, h, weight, labels, n, c, v, 0.0, scratch, CHUNK_ELEMS)
 }
 
 /// The f32 logits `[rows.len(), v]` of the selected rows of `h` (the last position for
@@ -755,12 +765,15 @@ mod tests {
         assert_grad_close("dweight", &delta, &ndw, 2e-3);
     }
 
+    /// A logits budget small enough that the tests below run many chunks.
+    const TEST_BUDGET: usize = 1 << 23;
+
     /// Many chunks (vocab large enough that a chunk is a few rows) agree with one reference pass.
     #[test]
     fn chunked_equals_unchunked_reference() {
         let mut rng = Rng::new(63);
-        let v = CHUNK_ELEMS / 8; // chunk_rows = 8
-        assert_eq!(chunk_rows(v), 8);
+        let v = TEST_BUDGET / 8; // 8 rows per chunk
+        assert_eq!(chunk_rows_within(v, TEST_BUDGET), 8);
         let (n, c) = (19, 3);
         let h = rng.vec(n * c, 1.0);
         let w = rng.vec(v * c, 1.0);
@@ -781,9 +794,8 @@ mod tests {
             let scale = 1.0 / count as f32;
             let (mut dh, mut dw, mut scratch) =
                 (vec![f32::NAN; n * c], vec![0f32; v * c], Vec::new());
-            let stats = lm_head_cross_entropy(
-                &mut dh,
-                Some(&mut dw),
+            let stats = fused(
+                Some((&mut dh, Some(&mut dw))),
                 &h,
                 &w,
                 &labels,
@@ -792,6 +804,7 @@ mod tests {
                 v,
                 scale,
                 &mut scratch,
+                TEST_BUDGET,
             )
             .unwrap();
             assert!(
@@ -828,8 +841,14 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(67);
-        let v = CHUNK_ELEMS / 8;
-        assert_eq!((chunk_rows(v), grad_chunk_rows(v)), (8, 16));
+        let v = TEST_BUDGET / 8;
+        assert_eq!(
+            (
+                chunk_rows_within(v, TEST_BUDGET),
+                grad_chunk_rows(v, TEST_BUDGET)
+            ),
+            (8, 16)
+        );
         let (n, c) = (37, 3);
         let b = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
         let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
@@ -841,9 +860,8 @@ mod tests {
         let scale = 1.0 / count as f32;
         let mut dh = vec![bf16::NAN; n * c];
         let (mut dw, mut scratch) = (vec![0f32; v * c], Vec::new());
-        let stats = lm_head_cross_entropy(
-            &mut dh,
-            Some(&mut dw),
+        let stats = fused(
+            Some((&mut dh, Some(&mut dw))),
             &h,
             &w,
             &labels,
@@ -852,6 +870,7 @@ mod tests {
             v,
             scale,
             &mut scratch,
+            TEST_BUDGET,
         )
         .unwrap();
         let (hf, wf) = (f(&h), f(&w));
