@@ -100,10 +100,13 @@ pub fn matmul_bf16<D: Float>(
     let parallel = rayon::current_num_threads() > 1
         && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
     // The left operand is read in place when its rows are k-contiguous; the right one is packed
-    // per column panel, once per task. Computing C^T = op(b)^T op(a)^T instead swaps the roles,
-    // which pays when op(b) is the k-contiguous one (a transposed weight) and the larger, as
-    // for the LM head: then only the small activation side is packed.
-    let swap = trans_b && (trans_a || m < n);
+    // per column panel, once per task. Computing C^T = op(b)^T op(a)^T instead swaps the roles
+    // so that the left operand can be read in place, but C^T is then written column by column
+    // with scalar stores (and bf16 roundings): for the input gradients `dy · W^T` of GPT-2's
+    // layers that cost more than packing W^T (mlp_proj's 5.7 -> 3.0-3.5 ms, best of 15, and
+    // 5% of a bf16 step), and the LM head's logits were no faster swapped (56-62 vs 57 ms).
+    // So only a product with both operands transposed swaps (its left then reads in place).
+    let swap = trans_b && trans_a;
     let problem = if swap {
         Problem {
             l: b,
