@@ -1,5 +1,7 @@
 //! The matmuls of a GPT-2 124M step (B=4, T=128: 512 rows), each timed alone: best of `reps`
-//! runs, so that A/B comparisons of the matmul code survive a busy machine.
+//! runs, so that A/B comparisons of the matmul code survive a busy machine. With
+//! RAYON_NUM_THREADS=1 the time is the thread's CPU time, which other jobs sharing the cores
+//! disturb far less than wall-clock time.
 //!
 //!     cargo run --release -p rustspeed-kernels --example bench_matmul_shapes -- bf16 20
 
@@ -39,20 +41,36 @@ fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
         .collect()
 }
 
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn best<T: Float, D: Float>(shape: &Shape, reps: usize) -> f64 {
     let &(_, m, k, n, ta, tb, acc, _) = shape;
     let (a, b) = (fill::<T>(m * k, 1), fill::<T>(k * n, 2));
     let mut dst = fill::<D>(m * n, 3);
     (0..reps)
         .map(|_| {
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), thread_cpu_secs());
             matmul(&mut dst, &a, &b, m, k, n, ta, tb, acc);
-            t.elapsed().as_secs_f64()
+            if rayon::current_num_threads() == 1 {
+                thread_cpu_secs() - c
+            } else {
+                t.elapsed().as_secs_f64()
+            }
         })
         .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
+    // As the training binary does: packing buffers are reused, not faulted in per call.
+    rustspeed_kernels::alloc::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dtype = args.first().map(String::as_str).unwrap_or("bf16");
     let reps: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);

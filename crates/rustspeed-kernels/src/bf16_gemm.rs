@@ -36,6 +36,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -310,6 +311,25 @@ fn pack_a(out: &mut [u32], a: &[u16], m: usize, k: usize, i0: usize, trans_a: bo
 /// Packs columns `j0..j0 + NR` of `op(b)` as `[k2][NR]` words into `out` (length `k2 * NR`);
 /// columns past `n` and the odd k element past the end are zero.
 fn pack_b(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
+    // SAFETY: packing only runs inside matmul_bf16, which asserted available() (AVX-512 F+BW).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        pack_b_avx512(out, b, k, n, j0, trans_b)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    pack_b_body(out, b, k, n, j0, trans_b)
+}
+
+/// [`pack_b_body`] compiled for AVX-512 (the workspace's baseline target is SSE2). pack_a was
+/// tried the same way and lost on the LM head's transposed dW panels, so it stays as is.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_b_avx512(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
+    pack_b_body(out, b, k, n, j0, trans_b)
+}
+
+#[inline(always)]
+fn pack_b_body(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
     let cols = NR.min(n - j0);
     let full = k / 2;
     if cols < NR || k % 2 == 1 {
@@ -603,6 +623,8 @@ mod tests {
             (50, 301, 200),
             // Packed right operand > SMALL_RIGHT_BYTES: the column-panel task path.
             (40, 1000, 301),
+            // A long odd k (the LM head's dlogits · W has k = vocab) through that path.
+            (13, 2563, 130),
         ] {
             for ta in [false, true] {
                 for tb in [false, true] {
