@@ -16,6 +16,8 @@
 //! count or task split, so results are bit-identical across thread counts. The instruction
 //! flushes subnormal inputs and outputs to zero (values below ~1.2e-38), unlike the f32 path.
 
+use std::cell::Cell;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -156,7 +158,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
     // In-place rows need whole pairs (even k) and MR real rows; other row panels are packed.
     let in_place = !p.l_trans && k % 2 == 0;
     let first_packed = if in_place { m / MR } else { 0 };
-    let mut packed = vec![0u32; (m_panels - first_packed) * k2 * MR];
+    let mut packed = PackBuffer::take((m_panels - first_packed) * k2 * MR);
     let pack_panel =
         |(i, buf): (usize, &mut [u32])| pack_a(buf, p.l, m, k, (first_packed + i) * MR, p.l_trans);
     if parallel {
@@ -245,6 +247,58 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
                 tile_job(ip, jp, r_buf);
             }
         });
+    }
+}
+
+/// Largest packed left operand kept for the next call (the GPT-2 LM head's dlogits, 512 rows of
+/// a 50k vocabulary, are 51 MB).
+const KEEP_PACKED_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// The calling thread's packed-left-operand buffer, reused across calls.
+    static PACKED: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The packed left operand's buffer, taken from [`PACKED`] and given back on drop. Its stale
+/// contents need no clearing: `pack_a` writes every word, padding included. A fresh `vec![0; n]`
+/// per call cost a memset and, above malloc's mmap threshold, a page fault per 4 KiB (~3% of a
+/// bf16 GPT-2 step). A nested call on the same thread finds the cell empty and allocates.
+/// Only its first `len` words are in use; it never shrinks, so that a large call after a small
+/// one does not zero the difference again.
+struct PackBuffer {
+    buf: Vec<u32>,
+    len: usize,
+}
+
+impl PackBuffer {
+    fn take(len: usize) -> Self {
+        let mut buf = PACKED.with(Cell::take);
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        PackBuffer { buf, len }
+    }
+}
+
+impl Drop for PackBuffer {
+    fn drop(&mut self) {
+        if self.buf.capacity() * 4 <= KEEP_PACKED_BYTES {
+            let v = std::mem::take(&mut self.buf);
+            PACKED.with(|c| c.set(v));
+        }
+    }
+}
+
+impl std::ops::Deref for PackBuffer {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PackBuffer {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.buf[..self.len]
     }
 }
 
