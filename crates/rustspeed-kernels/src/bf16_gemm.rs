@@ -379,7 +379,92 @@ fn pack_b(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bo
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_b_avx512(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
+    if trans_b && n - j0 >= NR {
+        // SAFETY: the CPU has avx512f (this function's own requirement).
+        return unsafe { pack_b_trans_full(out, b, k, j0) };
+    }
     pack_b_body(out, b, k, n, j0, trans_b)
+}
+
+/// [`pack_b_body`]'s transposing case for a whole panel (NR columns): 16 columns x 16 pairs at a
+/// time are loaded as 16 rows of 32-bit words (a column's pairs are adjacent in `b`),
+/// transposed in registers and stored as 16 panel rows. The scalar version wrote one word per
+/// store; it was most of pack_b's ~7% of a bf16 GPT-2 step once every `dy · W^T` packed W^T.
+///
+/// # Safety
+/// The CPU must support avx512f; `b` is `[n, k]` with `j0 + NR <= n`, `out` holds `k2 * NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_trans_full(out: &mut [u32], b: &[u16], k: usize, j0: usize) {
+    use std::arch::x86_64::*;
+    const PB: usize = 16;
+    let k2 = k.div_ceil(2);
+    assert!(out.len() >= k2 * NR && b.len() >= (j0 + NR) * k);
+    let blocks = k / (2 * PB);
+    for blk in 0..blocks {
+        let pb = blk * PB;
+        for c0 in (0..NR).step_by(16) {
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (i, row) in rows.iter_mut().enumerate() {
+                let seg = &b[(j0 + c0 + i) * k + 2 * pb..][..2 * PB];
+                // SAFETY: seg holds 32 u16 = 64 bytes.
+                *row = unsafe { _mm512_loadu_si512(seg.as_ptr().cast()) };
+            }
+            for (q, v) in transpose_16x16(rows).into_iter().enumerate() {
+                let dst = &mut out[(pb + q) * NR + c0..][..16];
+                // SAFETY: dst holds 16 u32 = 64 bytes.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) };
+            }
+        }
+    }
+    // The pairs after the last whole block, and an odd k's zero-padded last pair; every word
+    // of the panel is written (all NR columns are real), so no fill is needed.
+    let rest = blocks * PB;
+    for c in 0..NR {
+        let seg = &b[(j0 + c) * k + 2 * rest..(j0 + c + 1) * k];
+        let (whole, last) = seg.split_at(seg.len() & !1);
+        for (q, v) in whole.chunks_exact(2).enumerate() {
+            out[(rest + q) * NR + c] = pair(v[0], v[1]);
+        }
+        if let [l] = last {
+            out[(rest + whole.len() / 2) * NR + c] = pair(*l, 0);
+        }
+    }
+}
+
+/// Transposes a 16 x 16 matrix of 32-bit words held as 16 rows: `out[q]` lane `i` is `rows[i]`
+/// lane `q`. 32-bit then 64-bit interleaves within 128-bit lanes, then a 4 x 4 transpose of
+/// the 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(rows: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    // u[4b + j], 128-bit lane L: rows 4b..4b+4 of column 4L + j.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for b in 0..4 {
+        u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+        u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let (x0, x1, x2, x3) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+        let p = _mm512_shuffle_i32x4::<0x44>(x0, x1);
+        let q = _mm512_shuffle_i32x4::<0xEE>(x0, x1);
+        let r = _mm512_shuffle_i32x4::<0x44>(x2, x3);
+        let s = _mm512_shuffle_i32x4::<0xEE>(x2, x3);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(p, r);
+        out[4 + j] = _mm512_shuffle_i32x4::<0xDD>(p, r);
+        out[8 + j] = _mm512_shuffle_i32x4::<0x88>(q, s);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(q, s);
+    }
+    out
 }
 
 #[inline(always)]
@@ -656,6 +741,26 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 transposing pack of whole panels equals the scalar one word for word.
+    #[test]
+    fn vector_transposing_pack_equals_scalar() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(92);
+        for k in [1, 2, 31, 32, 33, 64, 97, 130] {
+            let n = NR + 21;
+            let b: Vec<u16> = (0..n * k).map(|_| rng.next_u64() as u16).collect();
+            for j0 in [0, 21] {
+                let k2 = k.div_ceil(2);
+                let (mut fast, mut slow) = (vec![7u32; k2 * NR], vec![9u32; k2 * NR]);
+                pack_b(&mut fast, &b, k, n, j0, true);
+                pack_b_body(&mut slow, &b, k, n, j0, true);
+                assert_eq!(fast, slow, "k {k} j0 {j0}");
             }
         }
     }
