@@ -17,6 +17,7 @@
 //! flushes subnormal inputs and outputs to zero (values below ~1.2e-38), unlike the f32 path.
 
 use std::cell::Cell;
+use std::thread::LocalKey;
 
 use half::bf16;
 use rayon::prelude::*;
@@ -158,7 +159,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
     // In-place rows need whole pairs (even k) and MR real rows; other row panels are packed.
     let in_place = !p.l_trans && k % 2 == 0;
     let first_packed = if in_place { m / MR } else { 0 };
-    let mut packed = PackBuffer::take((m_panels - first_packed) * k2 * MR);
+    let mut packed = PackBuffer::take(&PACKED_LEFT, (m_panels - first_packed) * k2 * MR);
     let pack_panel =
         |(i, buf): (usize, &mut [u32])| pack_a(buf, p.l, m, k, (first_packed + i) * MR, p.l_trans);
     if parallel {
@@ -196,14 +197,11 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
         unsafe { store_tile(out, p, at, &tile, accumulate) };
     };
     let threads = rayon::current_num_threads();
-    let for_each_task = |tasks: usize, job: &(dyn Fn(&mut Vec<u32>, usize) + Sync)| {
+    let for_each_task = |tasks: usize, job: &(dyn Fn(usize) + Sync)| {
         if parallel {
-            (0..tasks)
-                .into_par_iter()
-                .for_each_init(Vec::new, |buf, t| job(buf, t));
+            (0..tasks).into_par_iter().for_each(job);
         } else {
-            let mut buf = Vec::new();
-            (0..tasks).for_each(|t| job(&mut buf, t));
+            (0..tasks).for_each(job);
         }
     };
 
@@ -211,7 +209,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
         // A small right operand (the activations against the LM head's 50k rows) is packed
         // whole and stays in L2, and tasks split the rows: the large left operand then
         // streams from memory once instead of once per column panel.
-        let mut packed_r = vec![0u32; n_panels * k2 * NR];
+        let mut packed_r = PackBuffer::take(&PACKED_RIGHT, n_panels * k2 * NR);
         packed_r
             .chunks_mut(k2 * NR)
             .enumerate()
@@ -222,7 +220,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
             1
         };
         let per_split = m_panels.div_ceil(splits);
-        for_each_task(splits, &|_, t| {
+        for_each_task(splits, &|t| {
             for ip in t * per_split..((t + 1) * per_split).min(m_panels) {
                 for (jp, r_panel) in packed_r.chunks_exact(k2 * NR).enumerate() {
                     tile_job(ip, jp, r_panel);
@@ -239,12 +237,12 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
             1
         };
         let per_split = m_panels.div_ceil(row_splits);
-        for_each_task(n_panels * row_splits, &|r_buf, t| {
+        for_each_task(n_panels * row_splits, &|t| {
             let (jp, split) = (t / row_splits, t % row_splits);
-            r_buf.resize(k2 * NR, 0);
-            pack_b(r_buf, p.r, k, n, jp * NR, p.r_trans);
+            let mut r_buf = PackBuffer::take(&PACKED_PANEL, k2 * NR);
+            pack_b(&mut r_buf, p.r, k, n, jp * NR, p.r_trans);
             for ip in split * per_split..((split + 1) * per_split).min(m_panels) {
-                tile_job(ip, jp, r_buf);
+                tile_job(ip, jp, &r_buf);
             }
         });
     }
@@ -255,28 +253,33 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
 const KEEP_PACKED_BYTES: usize = 64 << 20;
 
 thread_local! {
-    /// The calling thread's packed-left-operand buffer, reused across calls.
-    static PACKED: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    /// Packing buffers reused across calls: the calling thread's packed left operand and
+    /// whole packed right operand, and each worker's packed column panel.
+    static PACKED_LEFT: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static PACKED_RIGHT: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static PACKED_PANEL: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
-/// The packed left operand's buffer, taken from [`PACKED`] and given back on drop. Its stale
-/// contents need no clearing: `pack_a` writes every word, padding included. A fresh `vec![0; n]`
-/// per call cost a memset and, above malloc's mmap threshold, a page fault per 4 KiB (~3% of a
-/// bf16 GPT-2 step). A nested call on the same thread finds the cell empty and allocates.
+/// A packing buffer taken from one of the thread-local cells above and given back on drop. Its
+/// stale contents need no clearing: `pack_a` and `pack_b` write every word, padding included.
+/// A fresh `vec![0; n]` per call cost a memset and, above malloc's mmap threshold, a page fault
+/// per 4 KiB (~3% of a bf16 GPT-2 step). A nested call on the same thread finds the cell empty
+/// and allocates.
 /// Only its first `len` words are in use; it never shrinks, so that a large call after a small
 /// one does not zero the difference again.
 struct PackBuffer {
     buf: Vec<u32>,
     len: usize,
+    home: &'static LocalKey<Cell<Vec<u32>>>,
 }
 
 impl PackBuffer {
-    fn take(len: usize) -> Self {
-        let mut buf = PACKED.with(Cell::take);
+    fn take(home: &'static LocalKey<Cell<Vec<u32>>>, len: usize) -> Self {
+        let mut buf = home.with(Cell::take);
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        PackBuffer { buf, len }
+        PackBuffer { buf, len, home }
     }
 }
 
@@ -284,7 +287,7 @@ impl Drop for PackBuffer {
     fn drop(&mut self) {
         if self.buf.capacity() * 4 <= KEEP_PACKED_BYTES {
             let v = std::mem::take(&mut self.buf);
-            PACKED.with(|c| c.set(v));
+            self.home.with(|c| c.set(v));
         }
     }
 }
