@@ -440,7 +440,9 @@ unsafe fn pack_b_trans_full(out: &mut [u32], b: &[u16], k: usize, j0: usize) {
 /// the 128-bit lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose_16x16(rows: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(crate) fn transpose_16x16(
+    rows: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
