@@ -25,6 +25,9 @@ const NR: usize = 64;
 const SMALL_RIGHT_BYTES: usize = 512 << 10;
 /// Below this many multiply-adds the rayon fork/join costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// A transposed left operand above this many elements is swapped to the right (see
+/// `matmul_f32`).
+const SWAP_LEFT_ELEMS: usize = 1 << 24;
 /// Largest packing buffer kept for the next call.
 const KEEP_PACKED_BYTES: usize = 64 << 20;
 
@@ -87,14 +90,18 @@ pub fn matmul_f32(
     }
     let parallel = rayon::current_num_threads() > 1
         && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
-    // As in bf16_gemm: C^T = op(b)^T op(a)^T only when both are transposed, so that the
-    // left operand reads in place and C is written row-major with vector stores otherwise.
-    let problem = if trans_a && trans_b {
+    // As in bf16_gemm: C^T = op(b)^T op(a)^T when both are transposed, so that the left
+    // operand reads in place and C is otherwise written row-major with vector stores. Also when
+    // a transposed left operand is huge (the LM head's dW = dlogits^T h, 50k x 512): packed
+    // whole it is 103 MB streamed once per column panel; swapped, the small h^T is the packed
+    // left and dlogits streams once, at the price of C^T's scalar (f32, no rounding) stores.
+    let swap = trans_a && (trans_b || m * k > SWAP_LEFT_ELEMS);
+    let problem = if swap {
         Problem {
             l: b,
-            l_trans: false,
+            l_trans: !trans_b,
             r: a,
-            r_trans: false,
+            r_trans: !trans_a,
             m: n,
             k,
             n: m,
@@ -476,6 +483,8 @@ mod tests {
             (33, 70, 129),
             (40, 1000, 301),
             (130, 33, 200),
+            // A transposed left operand above SWAP_LEFT_ELEMS: computed as C^T.
+            (SWAP_LEFT_ELEMS / 1024 + 1, 1024, 3),
         ] {
             for ta in [false, true] {
                 for tb in [false, true] {

@@ -25,8 +25,6 @@ use crate::f32_gemm;
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// Elementwise loops (conversion, bias, column sums) go parallel above this many elements.
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
-/// Largest transposed left operand (elements) given to [`f32_gemm`].
-const F32_PACK_LEFT_MAX: usize = 1 << 24;
 /// Target size, in elements, of one converted right-operand panel.
 const PANEL_ELEMS: usize = 1 << 20;
 
@@ -192,17 +190,8 @@ pub fn matmul<A: Float, B: Float, D: Float>(
             return;
         }
     }
-    // All f32 on a CPU with AVX-512: the full-width kernel (twice gemm's AVX2 FLOP rate here),
-    // except a transposed left operand too large to pack whole in cache-friendly time (the LM
-    // head's dW = dlogits^T h: 103 MB packed, streamed once per column panel; gemm's own
-    // blocking was 5-10% faster there).
-    let huge_transposed_left = trans_a && m * k > F32_PACK_LEFT_MAX;
-    if let (Some(a32), Some(b32), true, false) = (
-        as_f32(a),
-        as_f32(b),
-        f32_gemm::available(),
-        huge_transposed_left,
-    ) {
+    // All f32 on a CPU with AVX-512: the full-width kernel (twice gemm's AVX2 FLOP rate here).
+    if let (Some(a32), Some(b32), true) = (as_f32(a), as_f32(b), f32_gemm::available()) {
         if let Some(d32) = as_f32_mut(dst) {
             f32_gemm::matmul_f32(d32, a32, b32, m, k, n, trans_a, trans_b, accumulate);
             return;
