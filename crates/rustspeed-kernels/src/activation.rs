@@ -41,7 +41,7 @@ const GELU_TANH_CUBIC: f32 = 0.044_715;
 /// per element): Cody-Waite reduction `x = n ln2 + r`, Cephes' degree-6 polynomial for `e^r`,
 /// `2^n` built in the exponent bits. Relative error below 2e-7 on [-87, 88]; clamped outside.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
+pub(crate) fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -99,7 +99,7 @@ unsafe fn gelu_tanh_backward_avx2<T: Float>(dx: &mut [T], x: &[T], dout: &[T]) {
     gelu_tanh_backward_body(dx, x, dout)
 }
 
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

@@ -16,6 +16,9 @@
 //! count or task split, so results are bit-identical across thread counts. The instruction
 //! flushes subnormal inputs and outputs to zero (values below ~1.2e-38), unlike the f32 path.
 
+use std::cell::Cell;
+use std::thread::LocalKey;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -36,6 +39,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -100,10 +104,13 @@ pub fn matmul_bf16<D: Float>(
     let parallel = rayon::current_num_threads() > 1
         && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
     // The left operand is read in place when its rows are k-contiguous; the right one is packed
-    // per column panel, once per task. Computing C^T = op(b)^T op(a)^T instead swaps the roles,
-    // which pays when op(b) is the k-contiguous one (a transposed weight) and the larger, as
-    // for the LM head: then only the small activation side is packed.
-    let swap = trans_b && (trans_a || m < n);
+    // per column panel, once per task. Computing C^T = op(b)^T op(a)^T instead swaps the roles
+    // so that the left operand can be read in place, but C^T is then written column by column
+    // with scalar stores (and bf16 roundings): for the input gradients `dy · W^T` of GPT-2's
+    // layers that cost more than packing W^T (mlp_proj's 5.7 -> 3.0-3.5 ms, best of 15, and
+    // 5% of a bf16 step), and the LM head's logits were no faster swapped (56-62 vs 57 ms).
+    // So only a product with both operands transposed swaps (its left then reads in place).
+    let swap = trans_b && trans_a;
     let problem = if swap {
         Problem {
             l: b,
@@ -152,7 +159,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
     // In-place rows need whole pairs (even k) and MR real rows; other row panels are packed.
     let in_place = !p.l_trans && k % 2 == 0;
     let first_packed = if in_place { m / MR } else { 0 };
-    let mut packed = vec![0u32; (m_panels - first_packed) * k2 * MR];
+    let mut packed = PackBuffer::take(&PACKED_LEFT, (m_panels - first_packed) * k2 * MR);
     let pack_panel =
         |(i, buf): (usize, &mut [u32])| pack_a(buf, p.l, m, k, (first_packed + i) * MR, p.l_trans);
     if parallel {
@@ -190,14 +197,11 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
         unsafe { store_tile(out, p, at, &tile, accumulate) };
     };
     let threads = rayon::current_num_threads();
-    let for_each_task = |tasks: usize, job: &(dyn Fn(&mut Vec<u32>, usize) + Sync)| {
+    let for_each_task = |tasks: usize, job: &(dyn Fn(usize) + Sync)| {
         if parallel {
-            (0..tasks)
-                .into_par_iter()
-                .for_each_init(Vec::new, |buf, t| job(buf, t));
+            (0..tasks).into_par_iter().for_each(job);
         } else {
-            let mut buf = Vec::new();
-            (0..tasks).for_each(|t| job(&mut buf, t));
+            (0..tasks).for_each(job);
         }
     };
 
@@ -205,7 +209,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
         // A small right operand (the activations against the LM head's 50k rows) is packed
         // whole and stays in L2, and tasks split the rows: the large left operand then
         // streams from memory once instead of once per column panel.
-        let mut packed_r = vec![0u32; n_panels * k2 * NR];
+        let mut packed_r = PackBuffer::take(&PACKED_RIGHT, n_panels * k2 * NR);
         packed_r
             .chunks_mut(k2 * NR)
             .enumerate()
@@ -216,7 +220,7 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
             1
         };
         let per_split = m_panels.div_ceil(splits);
-        for_each_task(splits, &|_, t| {
+        for_each_task(splits, &|t| {
             for ip in t * per_split..((t + 1) * per_split).min(m_panels) {
                 for (jp, r_panel) in packed_r.chunks_exact(k2 * NR).enumerate() {
                     tile_job(ip, jp, r_panel);
@@ -233,14 +237,71 @@ fn run<D: Float>(p: &Problem, out: &DstPtr<D>, accumulate: bool, parallel: bool)
             1
         };
         let per_split = m_panels.div_ceil(row_splits);
-        for_each_task(n_panels * row_splits, &|r_buf, t| {
+        for_each_task(n_panels * row_splits, &|t| {
             let (jp, split) = (t / row_splits, t % row_splits);
-            r_buf.resize(k2 * NR, 0);
-            pack_b(r_buf, p.r, k, n, jp * NR, p.r_trans);
+            let mut r_buf = PackBuffer::take(&PACKED_PANEL, k2 * NR);
+            pack_b(&mut r_buf, p.r, k, n, jp * NR, p.r_trans);
             for ip in split * per_split..((split + 1) * per_split).min(m_panels) {
-                tile_job(ip, jp, r_buf);
+                tile_job(ip, jp, &r_buf);
             }
         });
+    }
+}
+
+/// Largest packed left operand kept for the next call (the GPT-2 LM head's dlogits, 512 rows of
+/// a 50k vocabulary, are 51 MB).
+const KEEP_PACKED_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Packing buffers reused across calls: the calling thread's packed left operand and
+    /// whole packed right operand, and each worker's packed column panel.
+    static PACKED_LEFT: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static PACKED_RIGHT: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static PACKED_PANEL: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+}
+
+/// A packing buffer taken from one of the thread-local cells above and given back on drop. Its
+/// stale contents need no clearing: `pack_a` and `pack_b` write every word, padding included.
+/// A fresh `vec![0; n]` per call cost a memset and, above malloc's mmap threshold, a page fault
+/// per 4 KiB (~3% of a bf16 GPT-2 step). A nested call on the same thread finds the cell empty
+/// and allocates.
+/// Only its first `len` words are in use; it never shrinks, so that a large call after a small
+/// one does not zero the difference again.
+struct PackBuffer {
+    buf: Vec<u32>,
+    len: usize,
+    home: &'static LocalKey<Cell<Vec<u32>>>,
+}
+
+impl PackBuffer {
+    fn take(home: &'static LocalKey<Cell<Vec<u32>>>, len: usize) -> Self {
+        let mut buf = home.with(Cell::take);
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        PackBuffer { buf, len, home }
+    }
+}
+
+impl Drop for PackBuffer {
+    fn drop(&mut self) {
+        if self.buf.capacity() * 4 <= KEEP_PACKED_BYTES {
+            let v = std::mem::take(&mut self.buf);
+            self.home.with(|c| c.set(v));
+        }
+    }
+}
+
+impl std::ops::Deref for PackBuffer {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PackBuffer {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.buf[..self.len]
     }
 }
 
@@ -307,6 +368,112 @@ fn pack_a(out: &mut [u32], a: &[u16], m: usize, k: usize, i0: usize, trans_a: bo
 /// Packs columns `j0..j0 + NR` of `op(b)` as `[k2][NR]` words into `out` (length `k2 * NR`);
 /// columns past `n` and the odd k element past the end are zero.
 fn pack_b(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
+    // SAFETY: packing only runs inside matmul_bf16, which asserted available() (AVX-512 F+BW).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        pack_b_avx512(out, b, k, n, j0, trans_b)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    pack_b_body(out, b, k, n, j0, trans_b)
+}
+
+/// [`pack_b_body`] compiled for AVX-512 (the workspace's baseline target is SSE2). pack_a was
+/// tried the same way and lost on the LM head's transposed dW panels, so it stays as is.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_b_avx512(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
+    if trans_b && n - j0 >= NR {
+        // SAFETY: the CPU has avx512f (this function's own requirement).
+        return unsafe { pack_b_trans_full(out, b, k, j0) };
+    }
+    pack_b_body(out, b, k, n, j0, trans_b)
+}
+
+/// [`pack_b_body`]'s transposing case for a whole panel (NR columns): 16 columns x 16 pairs at a
+/// time are loaded as 16 rows of 32-bit words (a column's pairs are adjacent in `b`),
+/// transposed in registers and stored as 16 panel rows. The scalar version wrote one word per
+/// store; it was most of pack_b's ~7% of a bf16 GPT-2 step once every `dy · W^T` packed W^T.
+///
+/// # Safety
+/// The CPU must support avx512f; `b` is `[n, k]` with `j0 + NR <= n`, `out` holds `k2 * NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_trans_full(out: &mut [u32], b: &[u16], k: usize, j0: usize) {
+    use std::arch::x86_64::*;
+    const PB: usize = 16;
+    let k2 = k.div_ceil(2);
+    assert!(out.len() >= k2 * NR && b.len() >= (j0 + NR) * k);
+    let blocks = k / (2 * PB);
+    for blk in 0..blocks {
+        let pb = blk * PB;
+        for c0 in (0..NR).step_by(16) {
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (i, row) in rows.iter_mut().enumerate() {
+                let seg = &b[(j0 + c0 + i) * k + 2 * pb..][..2 * PB];
+                // SAFETY: seg holds 32 u16 = 64 bytes.
+                *row = unsafe { _mm512_loadu_si512(seg.as_ptr().cast()) };
+            }
+            for (q, v) in transpose_16x16(rows).into_iter().enumerate() {
+                let dst = &mut out[(pb + q) * NR + c0..][..16];
+                // SAFETY: dst holds 16 u32 = 64 bytes.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) };
+            }
+        }
+    }
+    // The pairs after the last whole block, and an odd k's zero-padded last pair; every word
+    // of the panel is written (all NR columns are real), so no fill is needed.
+    let rest = blocks * PB;
+    for c in 0..NR {
+        let seg = &b[(j0 + c) * k + 2 * rest..(j0 + c + 1) * k];
+        let (whole, last) = seg.split_at(seg.len() & !1);
+        for (q, v) in whole.chunks_exact(2).enumerate() {
+            out[(rest + q) * NR + c] = pair(v[0], v[1]);
+        }
+        if let [l] = last {
+            out[(rest + whole.len() / 2) * NR + c] = pair(*l, 0);
+        }
+    }
+}
+
+/// Transposes a 16 x 16 matrix of 32-bit words held as 16 rows: `out[q]` lane `i` is `rows[i]`
+/// lane `q`. 32-bit then 64-bit interleaves within 128-bit lanes, then a 4 x 4 transpose of
+/// the 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose_16x16(
+    rows: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    // u[4b + j], 128-bit lane L: rows 4b..4b+4 of column 4L + j.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for b in 0..4 {
+        u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+        u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let (x0, x1, x2, x3) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+        let p = _mm512_shuffle_i32x4::<0x44>(x0, x1);
+        let q = _mm512_shuffle_i32x4::<0xEE>(x0, x1);
+        let r = _mm512_shuffle_i32x4::<0x44>(x2, x3);
+        let s = _mm512_shuffle_i32x4::<0xEE>(x2, x3);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(p, r);
+        out[4 + j] = _mm512_shuffle_i32x4::<0xDD>(p, r);
+        out[8 + j] = _mm512_shuffle_i32x4::<0x88>(q, s);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(q, s);
+    }
+    out
+}
+
+#[inline(always)]
+fn pack_b_body(out: &mut [u32], b: &[u16], k: usize, n: usize, j0: usize, trans_b: bool) {
     let cols = NR.min(n - j0);
     let full = k / 2;
     if cols < NR || k % 2 == 1 {
@@ -583,6 +750,26 @@ mod tests {
         }
     }
 
+    /// The AVX-512 transposing pack of whole panels equals the scalar one word for word.
+    #[test]
+    fn vector_transposing_pack_equals_scalar() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(92);
+        for k in [1, 2, 31, 32, 33, 64, 97, 130] {
+            let n = NR + 21;
+            let b: Vec<u16> = (0..n * k).map(|_| rng.next_u64() as u16).collect();
+            for j0 in [0, 21] {
+                let k2 = k.div_ceil(2);
+                let (mut fast, mut slow) = (vec![7u32; k2 * NR], vec![9u32; k2 * NR]);
+                pack_b(&mut fast, &b, k, n, j0, true);
+                pack_b_body(&mut slow, &b, k, n, j0, true);
+                assert_eq!(fast, slow, "k {k} j0 {j0}");
+            }
+        }
+    }
+
     #[test]
     fn all_transposes_odd_sizes_match_f64_reference() {
         if !available() {
@@ -600,6 +787,8 @@ mod tests {
             (50, 301, 200),
             // Packed right operand > SMALL_RIGHT_BYTES: the column-panel task path.
             (40, 1000, 301),
+            // A long odd k (the LM head's dlogits · W has k = vocab) through that path.
+            (13, 2563, 130),
         ] {
             for ta in [false, true] {
                 for tb in [false, true] {

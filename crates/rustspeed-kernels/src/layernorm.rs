@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::activation::has_avx2_fma;
 use crate::dtype::Float;
 
 /// Rows go parallel above this many elements.
@@ -64,16 +65,16 @@ pub fn layernorm_forward<T: Float>(
         return;
     }
     type Row<'a, T> = ((&'a mut [T], &'a [T]), (&'a mut f32, &'a mut f32));
+    let simd = has_avx2_fma();
     let row = |((o, x), (m, r)): Row<'_, T>| {
-        // Two passes: the one-pass E[x^2] - E[x]^2 cancels badly for rows with a large mean.
-        let mu = x.iter().map(|v| v.to_f32()).sum::<f32>() / c as f32;
-        let var = x.iter().map(|v| (v.to_f32() - mu).powi(2)).sum::<f32>() / c as f32;
-        let rs = 1.0 / (var + eps).sqrt();
-        for (((o, x), w), b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-            *o = T::from_f32((x.to_f32() - mu) * rs * w.to_f32() + b.to_f32());
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the running CPU has AVX2 and FMA (checked above).
+            (*m, *r) = unsafe { forward_row_avx2(o, x, weight, bias, eps) };
+            return;
         }
-        *m = mu;
-        *r = rs;
+        let _ = simd;
+        (*m, *r) = forward_row(o, x, weight, bias, eps);
     };
     if n * c >= PARALLEL_MIN_ELEMS {
         out.par_chunks_mut(c)
@@ -86,6 +87,139 @@ pub fn layernorm_forward<T: Float>(
             .zip(mean.iter_mut().zip(rstd.iter_mut()))
             .for_each(row);
     }
+}
+
+/// One row of [`layernorm_forward`]; returns `(mean, rstd)`.
+#[inline(always)]
+fn forward_row<T: Float>(out: &mut [T], x: &[T], weight: &[T], bias: &[T], eps: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    // Two passes: the one-pass E[x^2] - E[x]^2 cancels badly for rows with a large mean.
+    let mu = lane_sum(x, |v| v.to_f32()) / c;
+    let var = lane_sum(x, |v| (v.to_f32() - mu) * (v.to_f32() - mu)) / c;
+    let rs = 1.0 / (var + eps).sqrt();
+    for (((o, x), w), b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = T::from_f32((x.to_f32() - mu) * rs * w.to_f32() + b.to_f32());
+    }
+    (mu, rs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_row_avx2<T: Float>(
+    out: &mut [T],
+    x: &[T],
+    weight: &[T],
+    bias: &[T],
+    eps: f32,
+) -> (f32, f32) {
+    forward_row(out, x, weight, bias, eps)
+}
+
+/// Accumulator lanes of the row sums: a single f32 accumulator is a serial chain that LLVM may
+/// not reorder, so it would not vectorise; 16 lanes only reassociate the sum.
+const LANES: usize = 16;
+
+/// `Σ f(x[j])` over a row, in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (s, &v) in acc.iter_mut().zip(c) {
+            *s += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row of [`layernorm_backward`]: writes (or adds to) `dx` and, when `part` is not empty,
+/// adds `dout * xhat` and `dout` into its two halves.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_row<T: Float>(
+    dx: &mut [T],
+    part: &mut [f32],
+    accumulate_dx: bool,
+    x: &[T],
+    dout: &[T],
+    weight: &[T],
+    mu: f32,
+    rs: f32,
+) {
+    let c = x.len();
+    // dx = rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dout * w.
+    let (mut acc_dn, mut acc_dn_xhat) = ([0f32; LANES], [0f32; LANES]);
+    let (xc, dc, wc) = (
+        x.chunks_exact(LANES),
+        dout.chunks_exact(LANES),
+        weight.chunks_exact(LANES),
+    );
+    let (mut sum_dn, mut sum_dn_xhat) = (0f32, 0f32);
+    for ((x, d), w) in xc
+        .remainder()
+        .iter()
+        .zip(dc.remainder())
+        .zip(wc.remainder())
+    {
+        let dn = d.to_f32() * w.to_f32();
+        sum_dn += dn;
+        sum_dn_xhat += dn * (x.to_f32() - mu) * rs;
+    }
+    for ((x, d), w) in xc.zip(dc).zip(wc) {
+        for l in 0..LANES {
+            let dn = d[l].to_f32() * w[l].to_f32();
+            acc_dn[l] += dn;
+            acc_dn_xhat[l] += dn * (x[l].to_f32() - mu) * rs;
+        }
+    }
+    sum_dn += acc_dn.iter().sum::<f32>();
+    sum_dn_xhat += acc_dn_xhat.iter().sum::<f32>();
+    let (mean_dn, mean_dn_xhat) = (sum_dn / c as f32, sum_dn_xhat / c as f32);
+    let grad = |j: usize| {
+        let xhat = (x[j].to_f32() - mu) * rs;
+        let d = dout[j].to_f32();
+        (
+            xhat,
+            d,
+            rs * (d * weight[j].to_f32() - mean_dn - xhat * mean_dn_xhat),
+        )
+    };
+    // Four copies of the loop rather than two branches inside it, so that each vectorises.
+    match (accumulate_dx, part.is_empty()) {
+        (false, true) => dx
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, dxj)| *dxj = T::from_f32(grad(j).2)),
+        (true, true) => dx.iter_mut().enumerate().for_each(|(j, dxj)| {
+            *dxj = T::from_f32(dxj.to_f32() + grad(j).2);
+        }),
+        (acc, false) => {
+            let (pw, pb) = part.split_at_mut(c);
+            for (j, ((dxj, pw), pb)) in dx.iter_mut().zip(pw).zip(pb).enumerate() {
+                let (xhat, d, g) = grad(j);
+                *dxj = T::from_f32(if acc { dxj.to_f32() + g } else { g });
+                *pw += d * xhat;
+                *pb += d;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_row_avx2<T: Float>(
+    dx: &mut [T],
+    part: &mut [f32],
+    accumulate_dx: bool,
+    x: &[T],
+    dout: &[T],
+    weight: &[T],
+    mu: f32,
+    rs: f32,
+) {
+    backward_row(dx, part, accumulate_dx, x, dout, weight, mu, rs)
 }
 
 /// Backward of [`layernorm_forward`].
@@ -157,30 +291,21 @@ pub fn layernorm_backward<T: Float>(
     let blocks = n.div_ceil(GRAD_BLOCK_ROWS);
     // Per block: [dweight partial | dbias partial].
     let mut partial = vec![0f32; if want_params { blocks * 2 * c } else { 0 }];
+    let simd = has_avx2_fma();
     let block = |(bi, dx_block): (usize, &mut [T]), part: &mut [f32]| {
         let r0 = bi * GRAD_BLOCK_ROWS;
         for (i, dx) in dx_block.chunks_mut(c).enumerate() {
             let r = r0 + i;
             let (x, dout) = (&x[r * c..(r + 1) * c], &dout[r * c..(r + 1) * c]);
             let (mu, rs) = (mean[r], rstd[r]);
-            // dx = rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dout * w.
-            let (mut sum_dn, mut sum_dn_xhat) = (0f32, 0f32);
-            for ((x, d), w) in x.iter().zip(dout).zip(weight) {
-                let dn = d.to_f32() * w.to_f32();
-                sum_dn += dn;
-                sum_dn_xhat += dn * (x.to_f32() - mu) * rs;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the running CPU has AVX2 and FMA (checked above).
+                unsafe { backward_row_avx2(dx, part, accumulate_dx, x, dout, weight, mu, rs) };
+                continue;
             }
-            let (mean_dn, mean_dn_xhat) = (sum_dn / c as f32, sum_dn_xhat / c as f32);
-            for (j, dxj) in dx.iter_mut().enumerate() {
-                let xhat = (x[j].to_f32() - mu) * rs;
-                let d = dout[j].to_f32();
-                let g = rs * (d * weight[j].to_f32() - mean_dn - xhat * mean_dn_xhat);
-                *dxj = T::from_f32(if accumulate_dx { dxj.to_f32() + g } else { g });
-                if !part.is_empty() {
-                    part[j] += d * xhat;
-                    part[c + j] += d;
-                }
-            }
+            let _ = simd;
+            backward_row(dx, part, accumulate_dx, x, dout, weight, mu, rs);
         }
     };
     let block_elems = GRAD_BLOCK_ROWS * c;

@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod dtype;
 pub mod embedding;
+pub mod f32_gemm;
 pub mod layernorm;
 pub mod matmul;
 pub mod optim;

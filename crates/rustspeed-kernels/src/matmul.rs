@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::bf16_gemm;
 use crate::dtype::Float;
+use crate::f32_gemm;
 
 /// Below this many multiply-adds the rayon fork/join costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -186,6 +187,13 @@ pub fn matmul<A: Float, B: Float, D: Float>(
     if let (Some(a16), Some(b16)) = (as_bf16(a), as_bf16(b)) {
         if bf16_gemm::available() {
             bf16_gemm::matmul_bf16(dst, a16, b16, m, k, n, trans_a, trans_b, accumulate);
+            return;
+        }
+    }
+    // All f32 on a CPU with AVX-512: the full-width kernel (twice gemm's AVX2 FLOP rate here).
+    if let (Some(a32), Some(b32), true) = (as_f32(a), as_f32(b), f32_gemm::available()) {
+        if let Some(d32) = as_f32_mut(dst) {
+            f32_gemm::matmul_f32(d32, a32, b32, m, k, n, trans_a, trans_b, accumulate);
             return;
         }
     }
