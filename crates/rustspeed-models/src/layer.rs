@@ -108,6 +108,18 @@ pub struct Ctx<'a> {
     pub grad_scale: f32,
 }
 
+impl<'a> Ctx<'a> {
+    /// Evaluation of `batch`: no dropout, no activations kept, unit gradient scale.
+    pub fn eval(batch: &'a Batch) -> Ctx<'a> {
+        Ctx {
+            batch,
+            train: false,
+            dropout_seed: 0,
+            grad_scale: 1.0,
+        }
+    }
+}
+
 /// One layer of a model. `params` are views of the layer's declared parameters (own, then
 /// tied) in declaration order; `grads` are the matching views of the f32 gradient buffer, into
 /// which `backward` accumulates (`+=`), so gradient accumulation across micro-batches is free.

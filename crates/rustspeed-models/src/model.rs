@@ -27,12 +27,7 @@ impl<T: Float> Model<T> {
     /// Runs every layer but the head in evaluation mode (no dropout) and returns the flow the
     /// head would read: its final hidden states. For logits (parity tests, generation).
     pub fn forward_to_head(&mut self, batch: &Batch) -> Flow<T> {
-        let ctx = Ctx {
-            batch,
-            train: false,
-            dropout_seed: 0,
-            grad_scale: 1.0,
-        };
+        let ctx = Ctx::eval(batch);
         let mut flow = Flow::default();
         for i in 0..self.layers.len() - 1 {
             let views = self.layout.layer_views(i, &self.params);

@@ -724,12 +724,7 @@ pub(super) fn eval_forward<T: Float>(
     z3: &Zero3<T>,
     batch: &Batch,
 ) -> Result<LossSum, CommError> {
-    let ctx = Ctx {
-        batch,
-        train: false,
-        dropout_seed: 0,
-        grad_scale: 1.0,
-    };
+    let ctx = Ctx::eval(batch);
     let mut flow = Flow::default();
     let n = model.layers.len();
     let mut next = Some(z3.start_gather(0)?);
