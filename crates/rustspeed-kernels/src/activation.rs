@@ -114,14 +114,22 @@ pub(crate) fn has_avx2_fma() -> bool {
 pub fn gelu_tanh_forward<T: Float>(out: &mut [T], x: &[T]) {
     check("gelu_tanh_forward", &[("out", out.len()), ("x", x.len())]);
     let simd = has_avx2_fma();
+    let wide = crate::gelu_avx512::available() && crate::gelu_avx512::supports::<T>();
     chunked(out, |o0, out| {
         let x = &x[o0..o0 + out.len()];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512 F+BW present and T is f32 or bf16 (checked above); equal lengths.
+            return unsafe {
+                crate::gelu_avx512::gelu_tanh_forward(out, x, |o, x| gelu_tanh_forward_body(o, x))
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the running CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_tanh_forward_avx2(out, x) };
         }
-        let _ = simd;
+        let _ = (simd, wide);
         gelu_tanh_forward_body(out, x)
     });
 }
@@ -132,14 +140,24 @@ pub fn gelu_tanh_backward<T: Float>(dx: &mut [T], x: &[T], dout: &[T]) {
         &[("dx", dx.len()), ("x", x.len()), ("dout", dout.len())],
     );
     let simd = has_avx2_fma();
+    let wide = crate::gelu_avx512::available() && crate::gelu_avx512::supports::<T>();
     chunked(dx, |o0, dx| {
         let (x, dout) = (&x[o0..o0 + dx.len()], &dout[o0..o0 + dx.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512 F+BW present and T is f32 or bf16 (checked above); equal lengths.
+            return unsafe {
+                crate::gelu_avx512::gelu_tanh_backward(dx, x, dout, |d, x, g| {
+                    gelu_tanh_backward_body(d, x, g)
+                })
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the running CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_tanh_backward_avx2(dx, x, dout) };
         }
-        let _ = simd;
+        let _ = (simd, wide);
         gelu_tanh_backward_body(dx, x, dout)
     });
 }
@@ -383,6 +401,55 @@ mod tests {
             0.5 * x
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
         });
+    }
+
+    /// The AVX-512 kernels (whole vectors, then a scalar tail: 1000 + 7 elements) against the
+    /// scalar bodies, over a range wide enough to saturate tanh on both sides.
+    #[test]
+    fn gelu_tanh_wide_path_matches_scalar_body() {
+        if !crate::gelu_avx512::available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(42);
+        let n = 1007;
+        let mut x = rng.vec(n, 12.0);
+        x[3] = 0.0;
+        x[5] = -40.0;
+        x[7] = 40.0;
+        let g = rng.vec(n, 1.0);
+        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+        gelu_tanh_forward_body(&mut want, &x);
+        gelu_tanh_forward(&mut got, &x);
+        let w64 = f64s(&want);
+        assert_close("wide forward", &got, &w64, 1e-6);
+        gelu_tanh_backward_body(&mut want, &x, &g);
+        gelu_tanh_backward(&mut got, &x, &g);
+        assert_close("wide backward", &got, &f64s(&want), 1e-6);
+        // bf16: at most one bf16 ulp apart (the f32 values differ by a few ulps before rounding).
+        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+        let gb: Vec<bf16> = g.iter().map(|v| bf16::from_f32(*v)).collect();
+        let (mut wb, mut ob) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+        for backward in [false, true] {
+            if backward {
+                gelu_tanh_backward_body(&mut wb, &xb, &gb);
+                gelu_tanh_backward(&mut ob, &xb, &gb);
+            } else {
+                gelu_tanh_forward_body(&mut wb, &xb);
+                gelu_tanh_forward(&mut ob, &xb);
+            }
+            for i in 0..n {
+                // One bf16 ulp is at most 2^-7 of the value (signed zeros compare equal).
+                let (w, o) = (wb[i].to_f32(), ob[i].to_f32());
+                assert!(
+                    (w - o).abs() <= w.abs() / 128.0,
+                    "bf16 backward={backward} at {i}: x {} want {} got {}",
+                    xb[i],
+                    wb[i],
+                    ob[i]
+                );
+            }
+        }
     }
 
     #[test]
