@@ -57,6 +57,40 @@ pub fn matmul_f32(
     trans_b: bool,
     accumulate: bool,
 ) {
+    let parallel = rayon::current_num_threads() > 1
+        && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
+    matmul_f32_on(dst, a, b, [m, k, n], trans_a, trans_b, accumulate, parallel);
+}
+
+/// [`matmul_f32`] on the calling thread only: for small products inside tasks that are
+/// already parallel (the attention tiles), where a nested fork/join would cost more than the
+/// product.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_serial(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    matmul_f32_on(dst, a, b, [m, k, n], trans_a, trans_b, accumulate, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_f32_on(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    [m, k, n]: [usize; 3],
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    parallel: bool,
+) {
     assert_eq!(
         dst.len(),
         m * n,
@@ -88,8 +122,6 @@ pub fn matmul_f32(
         }
         return;
     }
-    let parallel = rayon::current_num_threads() > 1
-        && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
     // As in bf16_gemm: C^T = op(b)^T op(a)^T when both are transposed, so that the left
     // operand reads in place and C is otherwise written row-major with vector stores. Also when
     // a transposed left operand is huge (the LM head's dW = dlogits^T h, 50k x 512): packed
