@@ -48,7 +48,8 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -57,7 +58,17 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    y * f32::from_bits(pow2_bits(shifted))
+}
+
+/// The bits of `2^n` for `shifted = n + 1.5 * 2^23` (|n| < 2^22): n sits in the low mantissa
+/// bits, so it is read off with integer ops. `n as i32` is Rust's saturating cast, which LLVM
+/// scalarises (a convert, a NaN test and two cmovs per lane, inserted back one by one): with it
+/// the exp loops ran at a fraction of their vector width.
+#[inline(always)]
+pub(crate) fn pow2_bits(shifted: f32) -> u32 {
+    let n = (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    (n.wrapping_add(127) as u32) << 23
 }
 
 /// `tanh(u) = 1 - 2 / (e^(2u) + 1)`: absolute error below 3e-7, which is what GELU needs
@@ -377,6 +388,14 @@ mod tests {
         }
         let obf: Vec<f32> = ob.iter().map(|v| v.to_f32()).collect();
         assert_close(&format!("{name} bf16"), &obf, &f64s(&of), 4e-3);
+    }
+
+    #[test]
+    fn pow2_bits_reads_the_rounded_exponent() {
+        for n in -126i32..=127 {
+            let shifted = n as f32 + 12_582_912.0;
+            assert_eq!(f32::from_bits(pow2_bits(shifted)), 2f32.powi(n), "n = {n}");
+        }
     }
 
     #[test]

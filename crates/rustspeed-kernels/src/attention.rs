@@ -445,14 +445,15 @@ fn exp_shifted(x: &mut [f32], shift: f32) {
     const ROUND: f32 = 12_582_912.0;
     for v in x.iter_mut() {
         let y = (*v - shift).clamp(-87.0, 88.0);
-        let n = (y * LOG2E + ROUND) - ROUND;
+        let shifted = y * LOG2E + ROUND;
+        let n = shifted - ROUND;
         let r = y - n * LN2_HI - n * LN2_LO;
         let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
             + 1.666_666_5e-1)
             * r
             + 0.5;
         let e = p * r * r + r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        let scale = f32::from_bits(crate::activation::pow2_bits(shifted));
         *v = if y <= -87.0 { 0.0 } else { e * scale };
     }
 }
