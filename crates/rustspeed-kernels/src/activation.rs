@@ -48,7 +48,8 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -57,7 +58,17 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    y * f32::from_bits(pow2_bits(shifted))
+}
+
+/// The bits of `2^n` for `shifted = n + 1.5 * 2^23` (|n| < 2^22): n sits in the low mantissa
+/// bits, so it is read off with integer ops. `n as i32` is Rust's saturating cast, which LLVM
+/// scalarises (a convert, a NaN test and two cmovs per lane, inserted back one by one): with it
+/// the exp loops ran at a fraction of their vector width.
+#[inline(always)]
+pub(crate) fn pow2_bits(shifted: f32) -> u32 {
+    let n = (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    (n.wrapping_add(127) as u32) << 23
 }
 
 /// `tanh(u) = 1 - 2 / (e^(2u) + 1)`: absolute error below 3e-7, which is what GELU needs
@@ -114,14 +125,22 @@ pub(crate) fn has_avx2_fma() -> bool {
 pub fn gelu_tanh_forward<T: Float>(out: &mut [T], x: &[T]) {
     check("gelu_tanh_forward", &[("out", out.len()), ("x", x.len())]);
     let simd = has_avx2_fma();
+    let wide = crate::gelu_avx512::available() && crate::gelu_avx512::supports::<T>();
     chunked(out, |o0, out| {
         let x = &x[o0..o0 + out.len()];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512 F+BW present and T is f32 or bf16 (checked above); equal lengths.
+            return unsafe {
+                crate::gelu_avx512::gelu_tanh_forward(out, x, |o, x| gelu_tanh_forward_body(o, x))
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the running CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_tanh_forward_avx2(out, x) };
         }
-        let _ = simd;
+        let _ = (simd, wide);
         gelu_tanh_forward_body(out, x)
     });
 }
@@ -132,14 +151,24 @@ pub fn gelu_tanh_backward<T: Float>(dx: &mut [T], x: &[T], dout: &[T]) {
         &[("dx", dx.len()), ("x", x.len()), ("dout", dout.len())],
     );
     let simd = has_avx2_fma();
+    let wide = crate::gelu_avx512::available() && crate::gelu_avx512::supports::<T>();
     chunked(dx, |o0, dx| {
         let (x, dout) = (&x[o0..o0 + dx.len()], &dout[o0..o0 + dx.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512 F+BW present and T is f32 or bf16 (checked above); equal lengths.
+            return unsafe {
+                crate::gelu_avx512::gelu_tanh_backward(dx, x, dout, |d, x, g| {
+                    gelu_tanh_backward_body(d, x, g)
+                })
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the running CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_tanh_backward_avx2(dx, x, dout) };
         }
-        let _ = simd;
+        let _ = (simd, wide);
         gelu_tanh_backward_body(dx, x, dout)
     });
 }
@@ -362,6 +391,14 @@ mod tests {
     }
 
     #[test]
+    fn pow2_bits_reads_the_rounded_exponent() {
+        for n in -126i32..=127 {
+            let shifted = n as f32 + 12_582_912.0;
+            assert_eq!(f32::from_bits(pow2_bits(shifted)), 2f32.powi(n), "n = {n}");
+        }
+    }
+
+    #[test]
     fn fast_exp_and_tanh_match_libm() {
         let mut worst = (0f64, 0f64);
         for i in -200_000..=200_000 {
@@ -383,6 +420,55 @@ mod tests {
             0.5 * x
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
         });
+    }
+
+    /// The AVX-512 kernels (whole vectors, then a scalar tail: 1000 + 7 elements) against the
+    /// scalar bodies, over a range wide enough to saturate tanh on both sides.
+    #[test]
+    fn gelu_tanh_wide_path_matches_scalar_body() {
+        if !crate::gelu_avx512::available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(42);
+        let n = 1007;
+        let mut x = rng.vec(n, 12.0);
+        x[3] = 0.0;
+        x[5] = -40.0;
+        x[7] = 40.0;
+        let g = rng.vec(n, 1.0);
+        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+        gelu_tanh_forward_body(&mut want, &x);
+        gelu_tanh_forward(&mut got, &x);
+        let w64 = f64s(&want);
+        assert_close("wide forward", &got, &w64, 1e-6);
+        gelu_tanh_backward_body(&mut want, &x, &g);
+        gelu_tanh_backward(&mut got, &x, &g);
+        assert_close("wide backward", &got, &f64s(&want), 1e-6);
+        // bf16: at most one bf16 ulp apart (the f32 values differ by a few ulps before rounding).
+        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+        let gb: Vec<bf16> = g.iter().map(|v| bf16::from_f32(*v)).collect();
+        let (mut wb, mut ob) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+        for backward in [false, true] {
+            if backward {
+                gelu_tanh_backward_body(&mut wb, &xb, &gb);
+                gelu_tanh_backward(&mut ob, &xb, &gb);
+            } else {
+                gelu_tanh_forward_body(&mut wb, &xb);
+                gelu_tanh_forward(&mut ob, &xb);
+            }
+            for i in 0..n {
+                // One bf16 ulp is at most 2^-7 of the value (signed zeros compare equal).
+                let (w, o) = (wb[i].to_f32(), ob[i].to_f32());
+                assert!(
+                    (w - o).abs() <= w.abs() / 128.0,
+                    "bf16 backward={backward} at {i}: x {} want {} got {}",
+                    xb[i],
+                    wb[i],
+                    ob[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 use crate::dropout::DropoutMask;
 use crate::dtype::Float;
+use crate::f32_gemm;
 use rayon::prelude::*;
 
 /// Runs a tile function compiled for AVX2 when the CPU has it: the workspace builds for baseline
@@ -444,14 +445,15 @@ fn exp_shifted(x: &mut [f32], shift: f32) {
     const ROUND: f32 = 12_582_912.0;
     for v in x.iter_mut() {
         let y = (*v - shift).clamp(-87.0, 88.0);
-        let n = (y * LOG2E + ROUND) - ROUND;
+        let shifted = y * LOG2E + ROUND;
+        let n = shifted - ROUND;
         let r = y - n * LN2_HI - n * LN2_LO;
         let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
             + 1.666_666_5e-1)
             * r
             + 0.5;
         let e = p * r * r + r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        let scale = f32::from_bits(crate::activation::pow2_bits(shifted));
         *v = if y <= -87.0 { 0.0 } else { e * scale };
     }
 }
@@ -501,6 +503,33 @@ fn matmul(
         (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
         "attention matmul: rhs too short"
     );
+    // Dense views (every full 64-key tile: the row strides equal the widths) go to the
+    // AVX-512 kernel, which beats `gemm`'s AVX2 one at these 64 x 64 x 64 shapes.
+    if f32_gemm::available() && c_rs == n {
+        let dense = |v: &Mat<'_>, rows: usize, cols: usize| -> Option<bool> {
+            if v.cs == 1 && v.rs == cols {
+                Some(false)
+            } else if v.rs == 1 && v.cs == rows {
+                Some(true)
+            } else {
+                None
+            }
+        };
+        if let (Some(ta), Some(tb)) = (dense(&a, m, k), dense(&b, k, n)) {
+            f32_gemm::matmul_f32_serial(
+                &mut c[..m * n],
+                &a.data[..m * k],
+                &b.data[..k * n],
+                m,
+                k,
+                n,
+                ta,
+                tb,
+                accumulate,
+            );
+            return;
+        }
+    }
     // SAFETY: every index gemm touches, (r, c) for r < m, c < n (and inner index < k), lies inside
     // the slices by the asserts above; `c` is borrowed mutably and cannot alias `a` or `b`.
     unsafe {
@@ -1107,6 +1136,23 @@ mod tests {
             assert_close(&format!("dk {s:?}"), &dk, &wk, 2e-5);
             assert_close(&format!("dv {s:?}"), &dv, &wv, 2e-5);
         }
+    }
+
+    /// GPT-2's head size over two whole 64-key tiles and a partial one, so that the tile
+    /// products take both the dense (AVX-512 f32 kernel) and the strided (`gemm`) route.
+    #[test]
+    fn gpt2_head_dim_tiles_match_naive_reference() {
+        let s = AttnSpec::new(1, 140, 2, 1, 64);
+        let (q, k, v, dout) = inputs(&s, 7);
+        let (out, lse) = run_forward(&q, &k, &v, &s);
+        let (want_out, want_lse) = naive_forward(&q, &k, &v, &s);
+        assert_close("out", &out, &want_out, 1e-5);
+        assert_close("lse", &lse, &want_lse, 1e-5);
+        let (dq, dk, dv) = run_backward(&q, &k, &v, &dout, &s);
+        let (wq, wk, wv) = naive_backward(&q, &k, &v, &dout, &s);
+        assert_close("dq", &dq, &wq, 2e-5);
+        assert_close("dk", &dk, &wk, 2e-5);
+        assert_close("dv", &dv, &wv, 2e-5);
     }
 
     /// Central differences of `sum(w * out)` against the analytic gradients.

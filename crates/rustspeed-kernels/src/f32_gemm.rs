@@ -28,6 +28,8 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// A transposed left operand above this many elements is swapped to the right (see
 /// `matmul_f32`).
 const SWAP_LEFT_ELEMS: usize = 1 << 24;
+/// Reduction block of a column panel whose packed form would not stay in L2 (256 KiB).
+const KC: usize = 1024;
 /// Largest packing buffer kept for the next call.
 const KEEP_PACKED_BYTES: usize = 64 << 20;
 
@@ -56,6 +58,40 @@ pub fn matmul_f32(
     trans_a: bool,
     trans_b: bool,
     accumulate: bool,
+) {
+    let parallel = rayon::current_num_threads() > 1
+        && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
+    matmul_f32_on(dst, a, b, [m, k, n], trans_a, trans_b, accumulate, parallel);
+}
+
+/// [`matmul_f32`] on the calling thread only: for small products inside tasks that are
+/// already parallel (the attention tiles), where a nested fork/join would cost more than the
+/// product.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_serial(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    matmul_f32_on(dst, a, b, [m, k, n], trans_a, trans_b, accumulate, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_f32_on(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    [m, k, n]: [usize; 3],
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    parallel: bool,
 ) {
     assert_eq!(
         dst.len(),
@@ -88,8 +124,6 @@ pub fn matmul_f32(
         }
         return;
     }
-    let parallel = rayon::current_num_threads() > 1
-        && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
     // As in bf16_gemm: C^T = op(b)^T op(a)^T when both are transposed, so that the left
     // operand reads in place and C is otherwise written row-major with vector stores. Also when
     // a transposed left operand is huge (the LM head's dW = dlogits^T h, 50k x 512): packed
@@ -261,8 +295,34 @@ fn run(p: &Problem, out: &DstPtr, accumulate: bool, parallel: bool) {
             let (jp, split) = (t / row_splits, t % row_splits);
             let mut r_buf = PackBuffer::take(&PACKED_PANEL, k * NR);
             pack_b(&mut r_buf, p.r, k, n, jp * NR, p.r_trans);
-            for ip in split * per_split..((split + 1) * per_split).min(m_panels) {
-                tile_job(ip, jp, &r_buf);
+            let panels = split * per_split..((split + 1) * per_split).min(m_panels);
+            if k <= KC {
+                panels.for_each(|ip| tile_job(ip, jp, &r_buf));
+                return;
+            }
+            // A long reduction (the LM head's dh, k = vocabulary): a whole packed panel is
+            // k * NR * 4 bytes (12.8 MB at k = 50k) and would stream from memory once per row
+            // panel; in KC blocks each block stays in L2 for all row panels, and the tiles'
+            // partial sums wait in a task-local buffer so C is still written once.
+            let mut sums = vec![[[0f32; NR]; MR]; panels.len()];
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let block = &r_buf[k0 * NR..(k0 + kc) * NR];
+                for (sum, ip) in sums.iter_mut().zip(panels.clone()) {
+                    let mut tile = [[0f32; NR]; MR];
+                    let (lp, rs, ks) = left(ip);
+                    // SAFETY: as in tile_job, with the row panel's pointer advanced to k0
+                    // (k0 + kc <= k) and `block` holding kc * NR.
+                    unsafe { microkernel(kc, lp.add(k0 * ks), rs, ks, block, &mut tile) };
+                    for (s_row, t_row) in sum.iter_mut().zip(&tile) {
+                        s_row.iter_mut().zip(t_row).for_each(|(s, t)| *s += t);
+                    }
+                }
+            }
+            for (sum, ip) in sums.iter().zip(panels) {
+                let at = (ip * MR, jp * NR, MR.min(m - ip * MR), NR.min(n - jp * NR));
+                // SAFETY: tasks own disjoint tiles of C, clipped to it.
+                unsafe { store_tile(out, p, at, sum, accumulate) };
             }
         });
     }
@@ -483,6 +543,8 @@ mod tests {
             (33, 70, 129),
             (40, 1000, 301),
             (130, 33, 200),
+            // A long reduction with a large right operand: KC blocks (two whole, one partial).
+            (13, 2 * KC + 452, 70),
             // A transposed left operand above SWAP_LEFT_ELEMS: computed as C^T.
             (SWAP_LEFT_ELEMS / 1024 + 1, 1024, 3),
         ] {

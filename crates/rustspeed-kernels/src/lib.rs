@@ -12,6 +12,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod embedding;
 pub mod f32_gemm;
+mod gelu_avx512;
 pub mod layernorm;
 pub mod matmul;
 pub mod optim;
