@@ -400,10 +400,13 @@ fn lora_and_qlora_over_two_ranks_train_like_one_process() {
         });
         assert_eq!(one.len(), two.len(), "{name}: adapter tensors");
         assert!(!one.is_empty());
+        // Values near zero (lora_B starts at 0) are Adam steps, whose normalisation turns the
+        // two runs' reassociation differences (gradient sums in another order over 2 ranks)
+        // into ~1e-8 absolute: compare those absolutely at 1e-7.
         for ((k, a), (_, b)) in one.iter().zip(&two) {
             for (x, y) in a.iter().zip(b) {
                 assert!(
-                    (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+                    (x - y).abs() <= 1e-5 * x.abs().max(1e-2),
                     "{name}: {k}: {x} vs {y}"
                 );
             }

@@ -121,66 +121,95 @@ unsafe fn inner_tanh(x: __m512) -> __m512 {
     }
 }
 
-/// `out = gelu_tanh(x)`; the tail shorter than 16 goes through `tail`.
+/// One 16-lane block of `out = gelu_tanh(x)`. SAFETY: 16 elements readable at `x`, writable at
+/// `out`; the CPU features of [`available`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn forward16<T: Float>(out: *mut T, x: *const T) {
+    unsafe {
+        let half = _mm512_set1_ps(0.5);
+        let v = load(x);
+        let t = inner_tanh(v);
+        let hv = _mm512_mul_ps(half, v);
+        store(out, _mm512_fmadd_ps(hv, t, hv));
+    }
+}
+
+/// One 16-lane block of `dx = dout * gelu_tanh'(x)`. SAFETY: as [`forward16`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn backward16<T: Float>(dx: *mut T, x: *const T, dout: *const T) {
+    unsafe {
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_ps(1.0);
+        let v = load(x);
+        let g = load(dout);
+        let t = inner_tanh(v);
+        // du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        let x2 = _mm512_mul_ps(v, v);
+        let du = _mm512_mul_ps(
+            _mm512_set1_ps(SCALE),
+            _mm512_fmadd_ps(_mm512_set1_ps(3.0 * CUBIC), x2, one),
+        );
+        // 0.5 (1 + t) + 0.5 x (1 - t^2) du
+        let sech2 = _mm512_fnmadd_ps(t, t, one);
+        let left = _mm512_fmadd_ps(half, t, half);
+        let grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), sech2), du, left);
+        store(dx, _mm512_mul_ps(g, grad));
+    }
+}
+
+/// `out = gelu_tanh(x)`. The tail shorter than 16 runs through the same vector code on a padded
+/// copy, so an element's result does not depend on where it sits in the slice (runs with other
+/// batch shapes, e.g. another world size, must round identically).
 ///
 /// # Safety
 /// [`available`] and [`supports::<T>`] hold; `out.len() == x.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn gelu_tanh_forward<T: Float>(
-    out: &mut [T],
-    x: &[T],
-    tail: impl Fn(&mut [T], &[T]),
-) {
+pub(crate) unsafe fn gelu_tanh_forward<T: Float>(out: &mut [T], x: &[T]) {
     assert_eq!(out.len(), x.len());
     let whole = out.len() / 16 * 16;
-    let half = _mm512_set1_ps(0.5);
     for i in (0..whole).step_by(16) {
         // SAFETY: i + 16 <= whole <= len of both slices.
-        unsafe {
-            let v = load(x.as_ptr().add(i));
-            let t = inner_tanh(v);
-            let hv = _mm512_mul_ps(half, v);
-            store(out.as_mut_ptr().add(i), _mm512_fmadd_ps(hv, t, hv));
-        }
+        unsafe { forward16(out.as_mut_ptr().add(i), x.as_ptr().add(i)) };
     }
-    tail(&mut out[whole..], &x[whole..]);
+    let r = out.len() - whole;
+    if r > 0 {
+        let (mut xb, mut ob) = ([T::default(); 16], [T::default(); 16]);
+        xb[..r].copy_from_slice(&x[whole..]);
+        // SAFETY: 16-element stack buffers.
+        unsafe { forward16(ob.as_mut_ptr(), xb.as_ptr()) };
+        out[whole..].copy_from_slice(&ob[..r]);
+    }
 }
 
-/// `dx = dout * gelu_tanh'(x)`; the tail shorter than 16 goes through `tail`.
+/// `dx = dout * gelu_tanh'(x)`, the tail as in [`gelu_tanh_forward`].
 ///
 /// # Safety
 /// As [`gelu_tanh_forward`], with all three slices of one length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn gelu_tanh_backward<T: Float>(
-    dx: &mut [T],
-    x: &[T],
-    dout: &[T],
-    tail: impl Fn(&mut [T], &[T], &[T]),
-) {
+pub(crate) unsafe fn gelu_tanh_backward<T: Float>(dx: &mut [T], x: &[T], dout: &[T]) {
     assert!(dx.len() == x.len() && dx.len() == dout.len());
     let whole = dx.len() / 16 * 16;
-    let half = _mm512_set1_ps(0.5);
-    let one = _mm512_set1_ps(1.0);
     for i in (0..whole).step_by(16) {
         // SAFETY: i + 16 <= whole <= len of all three slices.
         unsafe {
-            let v = load(x.as_ptr().add(i));
-            let g = load(dout.as_ptr().add(i));
-            let t = inner_tanh(v);
-            // du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-            let x2 = _mm512_mul_ps(v, v);
-            let du = _mm512_mul_ps(
-                _mm512_set1_ps(SCALE),
-                _mm512_fmadd_ps(_mm512_set1_ps(3.0 * CUBIC), x2, one),
-            );
-            // 0.5 (1 + t) + 0.5 x (1 - t^2) du
-            let sech2 = _mm512_fnmadd_ps(t, t, one);
-            let left = _mm512_fmadd_ps(half, t, half);
-            let grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), sech2), du, left);
-            store(dx.as_mut_ptr().add(i), _mm512_mul_ps(g, grad));
-        }
+            backward16(
+                dx.as_mut_ptr().add(i),
+                x.as_ptr().add(i),
+                dout.as_ptr().add(i),
+            )
+        };
     }
-    tail(&mut dx[whole..], &x[whole..], &dout[whole..]);
+    let r = dx.len() - whole;
+    if r > 0 {
+        let (mut xb, mut gb, mut db) = ([T::default(); 16], [T::default(); 16], [T::default(); 16]);
+        xb[..r].copy_from_slice(&x[whole..]);
+        gb[..r].copy_from_slice(&dout[whole..]);
+        // SAFETY: 16-element stack buffers.
+        unsafe { backward16(db.as_mut_ptr(), xb.as_ptr(), gb.as_ptr()) };
+        dx[whole..].copy_from_slice(&db[..r]);
+    }
 }
